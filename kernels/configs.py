@@ -1,0 +1,113 @@
+"""Autotune configurations of the NF4 + LoRA kernels, per GPU architecture.
+
+Every config list exists for ``sm_80`` (A100) and ``sm_90`` (H100/H200); ``kernel_configs(name)``
+returns the list for the GPU this process runs on (or one small config under
+``TRITON_INTERPRET=1``, where autotuning would only multiply the interpreter's run time). The kernel
+inspector compiles every entry of ``CONFIGS`` for both architectures.
+
+Autotune keys are (M_BUCKET, N, K, R): M is bucketed to a power of two so that a training run with
+varying sequence lengths tunes a handful of times, not once per batch shape.
+
+Tile naming follows the swap-AB layout of the forward kernels: the dequantized W0 tile is the MMA's
+left operand (BLOCK_N rows of W0), the activation tile the right operand (BLOCK_M rows of X).
+"""
+import os
+
+import torch
+import triton
+
+# Largest M served by the split-K GEMV kernel (decode / evaluation).
+GEMV_MAX_M = 16
+
+
+def m_bucket(m: int) -> int:
+    """Power-of-two bucket of M used as an autotune key (16 ... 8192)."""
+    return min(max(triton.next_power_of_2(m), 16), 8192)
+
+
+def _cfg(num_warps, num_stages, **block):
+    return triton.Config(block, num_warps=num_warps, num_stages=num_stages)
+
+
+# Fused forward: Y^T tile [BLOCK_N, BLOCK_M] = W0 tile . X^T tile, K loop, then the LoRA step.
+# Every entry compiles without register spills (checked by `qlora kernels inspect`, Triton 3.9
+# ptxas); 128x256 and 256x128 tiles spilled 400-1000 bytes on both archs and were dropped.
+# sm_90: one or two warpgroups per wgmma tile. sm_80: deeper cp.async pipelines.
+_FWD = {
+    "sm_90": [
+        _cfg(8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
+    ],
+    "sm_80": [
+        _cfg(8, 5, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+    ],
+}
+
+# Backward dX tile [BLOCK_M, BLOCK_K] = dY tile . W0 tile, loop over N (BLOCK_N per step).
+_BWD_DX = {
+    "sm_90": [
+        _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+    ],
+    "sm_80": [
+        _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+    ],
+}
+
+# Split-K GEMV for M <= 16: Y^T tile [BLOCK_N, 16]; SPLIT_K programs share one output tile so that
+# even N = 1024 puts several programs on every SM and the 4-bit stream saturates HBM.
+_GEMV = {
+    arch: [
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
+        _cfg(4, 4, BLOCK_N=32, BLOCK_K=128, SPLIT_K=8),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, SPLIT_K=8),
+    ]
+    for arch in ("sm_80", "sm_90")
+}
+
+# LoRA down-projection S = X_d . A^T (memory-bound on X; one R tile covers r <= 128).
+_LORA_A = {
+    arch: [
+        _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+        _cfg(4, 3, BLOCK_M=32, BLOCK_K=128),
+    ]
+    for arch in ("sm_80", "sm_90")
+}
+
+CONFIGS = {"nf4_lora_linear_fwd": _FWD, "nf4_lora_linear_bwd_dx": _BWD_DX, "nf4_gemv_lora": _GEMV,
+           "lora_a": _LORA_A}
+
+# Under the interpreter: the smallest tiles tl.dot accepts, so tests on small shapes stay fast.
+_INTERPRET = {
+    "nf4_lora_linear_fwd": [_cfg(4, 1, BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, GROUP_N=4)],
+    "nf4_lora_linear_bwd_dx": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=4)],
+    "nf4_gemv_lora": [_cfg(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)],
+    "lora_a": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64)],
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def current_arch() -> str:
+    """'sm_90' on Hopper and newer, else 'sm_80' (Ampere/Ada tiles); 'sm_80' without a GPU."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        return "sm_90"
+    return "sm_80"
+
+
+def kernel_configs(name: str) -> list:
+    """The autotune config list of kernel ``name`` for this process's device."""
+    if interpreting():
+        return _INTERPRET[name]
+    return CONFIGS[name][current_arch()]

@@ -1,0 +1,2 @@
+"""qlora: fine-tune large language models on one GPU with QLoRA."""
+__version__ = "0.1.0"

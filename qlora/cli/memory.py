@@ -1,0 +1,63 @@
+"""`qlora memory estimate` and `qlora memory profile`."""
+import argparse
+import json
+
+from qlora.memory import estimate as est
+from qlora.memory import report
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("memory", help="estimate or profile training memory")
+    commands = parser.add_subparsers(dest="memory_command", required=True)
+
+    e = commands.add_parser("estimate", help="closed-form memory estimate of a QLoRA step")
+    e.add_argument("--model", required=True,
+                   help="preset name, config.json, or checkpoint directory holding a config.json")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--rank", type=int, default=16)
+    e.add_argument("--targets", default="all-linear",
+                   help="'all-linear' or comma-separated projections (q_proj,v_proj,...)")
+    e.add_argument("--optimizer", choices=est.OPTIMIZERS, default="paged_adamw")
+    e.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--offload-checkpoints", action="store_true",
+                   help="keep the layer checkpoints in host memory")
+    e.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GB (10^9 bytes)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    e.set_defaults(func=run_estimate)
+
+    p = commands.add_parser("profile", help="run real training steps and measure memory")
+    p.add_argument("config", nargs="?", default=None,
+                   help="training YAML (default: the tiny Llama profile of qlora.memory.profile)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default="memory_profile", help="directory for the report files")
+    p.set_defaults(func=run_profile)
+
+
+def run_estimate(args) -> int:
+    config, source = est.load_config(args.model)
+    setup = est.TrainSetup(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+                           targets=est.parse_targets(args.targets), optimizer=args.optimizer,
+                           grad_checkpointing=args.grad_checkpointing,
+                           offload_checkpoints=args.offload_checkpoints)
+    budget = int(args.gpu_gb * est.GB)
+    estimate = est.estimate(config, setup, source)
+    rows = est.comparison(config, setup)
+    fit = est.largest_fit(config, setup, budget)
+    if args.json:
+        print(json.dumps(report.estimate_dict(estimate, rows, fit, budget), indent=2))
+    else:
+        print(report.estimate_table(estimate, rows, fit, budget))
+    return 0
+
+
+def run_profile(args) -> int:
+    from qlora.memory import profile
+
+    if args.steps < 2:
+        raise SystemExit("qlora memory profile: --steps must be >= 2 (the first step warms up)")
+    settings = profile.ProfileSettings() if args.config is None else profile.settings_from_yaml(args.config)
+    result = profile.run_profile(settings, steps=args.steps, out_dir=args.out)
+    print(result["table"])
+    print(f"wrote {', '.join(result['files'])}")
+    return 0

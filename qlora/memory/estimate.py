@@ -1,0 +1,458 @@
+"""Closed-form GPU memory estimate of one QLoRA training step, one row per component.
+
+Notation (used in every formula below):
+    h  hidden_size            i  intermediate_size        L  num_hidden_layers
+    nh num_attention_heads    d  head_dim (h // nh unless the config says)
+    hq = nh·d (query width)   hkv = num_key_value_heads·d (key/value width)
+    V  vocab_size             s  seq_len    b  batch_size    N = s·b tokens
+    r  LoRA rank              a  bytes of the compute dtype (2 for bf16, 4 for fp32)
+    n  elements of one quantized weight (out·in)
+
+Sources:
+  [QLoRA]  Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", §2-3: NF4 with
+           blocksize 64, double quantization of the absmax to 8 bit with blocksize 256.
+  [bnb]    bitsandbytes' 4-bit storage (``Params4bit`` / ``QuantState``, mirrored by qlora.nf4):
+           packed uint8 with two codes per byte, uint8 absmax codes, fp32 nested absmax, an fp32[16]
+           quant_map, an fp32[256] nested_quant_map and an fp32 offset per tensor.
+  [Korthikanti] Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+           Models", §4.1: count, per layer, the bytes of every tensor autograd keeps for backward.
+           Their closed form sbh(34 + 5·nh·s/h) is for GPT (GeLU MLP of 4h, dropout, eager
+           attention); the per-tensor list below applies the same method to the Llama layer
+           (RMSNorm, SwiGLU, rotary, SDPA/flash attention with no s×s tensor, no dropout) with
+           frozen base weights and LoRA adapters. The list was checked tensor by tensor against
+           ``torch.autograd.graph.saved_tensors_hooks`` on transformers' LlamaForCausalLM (see
+           tests/test_memory_profile.py): frozen linears save no input (PyTorch saves an operand
+           only when the other one needs a gradient), and the SDPA output is already laid out as
+           (b, s, nh, d), so o_proj reuses it.
+  [ZeRO]   Rajbhandari et al. 2020, "ZeRO", §3.1: mixed-precision Adam keeps 2 + 2 + 12 = 16
+           bytes per parameter (16-bit weights and grads, fp32 master weights, fp32 m and v).
+  [paged]  qlora.optim.PagedAdamW: moments packed in pages of ``DEFAULT_PAGE_BYTES``, every
+           parameter padded to 256-element blocks.
+  [ckpt]   Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": checkpointing each
+           layer keeps its input (a·h per token) and recomputes one layer at a time in backward.
+
+All byte counts are exact integers; the report prints GB = 10^9 bytes, the unit of the published
+tables this module is compared against.
+"""
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+from qlora.optim.paged_adamw import DEFAULT_PAGE_BYTES
+from qlora.optim.quant8 import QUANT_BLOCK
+from qlora.presets import list_presets, load_preset
+
+GB = 10**9
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw_8bit")
+
+NF4_BLOCKSIZE = 64          # [QLoRA] §2 "we use a blocksize of 64 for W"
+NESTED_BLOCKSIZE = 256      # [QLoRA] §3 "blocksize of 256 for c2" (the double quantization)
+# [bnb] per-tensor constants: quant_map fp32[16] + nested_quant_map fp32[256] + offset fp32.
+NF4_TENSOR_CONSTANT_BYTES = 16 * 4 + 256 * 4 + 4
+# CUDA context + cuBLAS/cuDNN handles and workspaces: memory the device uses that PyTorch's
+# allocator never sees. 512 MiB is the usual order on CUDA 12 with lazy module loading (it varies
+# with driver and GPU by a few hundred MiB); `qlora memory profile` measures it on the spot as
+# (total - free) - torch.cuda.memory_reserved().
+CUDA_CONTEXT_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The hyperparameters of a Llama-family decoder that memory depends on."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    qkv_bias: bool   # Qwen2 always has q/k/v biases; Llama's attention_bias adds o_proj's too
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict, source: str = "config") -> "Architecture":
+        """Read a Hugging Face config dict; a missing key is an error naming ``source``."""
+        def need(key):
+            if key not in config:
+                raise ValueError(f"{source}: missing key {key!r} (needed for the memory estimate)")
+            return config[key]
+
+        model_type = need("model_type")
+        h, nh = int(need("hidden_size")), int(need("num_attention_heads"))
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            model_type=model_type, hidden_size=h, intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")), num_heads=nh,
+            num_kv_heads=int(config.get("num_key_value_heads") or nh),
+            head_dim=int(config.get("head_dim") or h // nh), vocab_size=int(need("vocab_size")),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)))
+
+    def linear_shapes(self) -> dict:
+        """{projection name: (in_features, out_features, has_bias)} of one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, hq, self.qkv_bias), "k_proj": (h, hkv, self.qkv_bias),
+                "v_proj": (h, hkv, self.qkv_bias), "o_proj": (hq, h, self.o_bias),
+                "gate_proj": (h, i, self.mlp_bias), "up_proj": (h, i, self.mlp_bias),
+                "down_proj": (i, h, self.mlp_bias)}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of the model (elements, not bytes)."""
+
+    quantized_linear: int   # decoder-layer projection weights: stored in NF4
+    embedding: int
+    lm_head: int            # 0 when tied to the embedding
+    norms: int
+    biases: int
+    lora: int
+
+    @property
+    def base_total(self) -> int:
+        """Every parameter of the model without adapters (what transformers counts)."""
+        return self.quantized_linear + self.embedding + self.lm_head + self.norms + self.biases
+
+    @property
+    def unquantized(self) -> int:
+        return self.embedding + self.lm_head + self.norms + self.biases
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What is trained and how: everything besides the architecture that memory depends on."""
+
+    seq_len: int = 2048
+    batch_size: int = 1
+    rank: int = 16
+    targets: tuple = ALL_LINEAR
+    optimizer: str = "paged_adamw"
+    grad_checkpointing: bool = True
+    offload_checkpoints: bool = False
+    compute_bytes: int = 2   # bf16 activations and 16-bit base params
+    lora_bytes: int = 4      # fp32 adapters (PEFT's default autocast_adapter_dtype=True)
+    device: str = "cuda"     # "cpu": no CUDA context
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = [t for t in self.targets if t not in ALL_LINEAR]
+        if unknown or not self.targets:
+            raise ValueError(f"targets {list(self.targets)}: each must be one of {list(ALL_LINEAR)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} must be one of {list(OPTIMIZERS)}")
+        if self.offload_checkpoints and not self.grad_checkpointing:
+            raise ValueError("offload_checkpoints needs grad_checkpointing (the offloaded tensors "
+                             "are the checkpoints)")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+def parse_targets(text: str) -> tuple:
+    """'all-linear' or a comma-separated list of projection names -> tuple of names."""
+    if text == "all-linear":
+        return ALL_LINEAR
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class Component:
+    """One row of the estimate. ``peak_only``: exists only transiently during the step."""
+
+    name: str
+    bytes: int
+    device: str   # "gpu" (the compute device) or "host"
+    formula: str
+    peak_only: bool = False
+
+
+@dataclass
+class Estimate:
+    architecture: Architecture
+    setup: TrainSetup
+    params: ParamCounts
+    components: list = field(default_factory=list)
+
+    def bytes_of(self, name: str) -> int:
+        return sum(c.bytes for c in self.components if c.name == name)
+
+    @property
+    def gpu_bytes(self) -> int:
+        """Peak device memory: every device row, persistent and transient, at once."""
+        return sum(c.bytes for c in self.components if c.device == "gpu")
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(c.bytes for c in self.components if c.device == "host")
+
+
+# ---- parameters --------------------------------------------------------------------------------
+def count_params(arch: Architecture, setup: TrainSetup) -> ParamCounts:
+    """Element counts. Per layer: the seven projections, their biases, two RMSNorm weights (h each);
+    plus the embedding V·h, the final norm h and lm_head V·h unless tied."""
+    shapes = arch.linear_shapes()
+    per_layer_weights = sum(k * n for k, n, _ in shapes.values())
+    per_layer_biases = sum(n for _, n, bias in shapes.values() if bias)
+    # LoRA on W [out, in]: A is [r, in], B is [out, r]  ->  r·(in + out) per adapted projection.
+    per_layer_lora = sum(setup.rank * (k + n) for name, (k, n, _) in shapes.items()
+                         if name in setup.targets)
+    L, h, V = arch.num_layers, arch.hidden_size, arch.vocab_size
+    return ParamCounts(quantized_linear=L * per_layer_weights, embedding=V * h,
+                       lm_head=0 if arch.tie_word_embeddings else V * h, norms=(2 * L + 1) * h,
+                       biases=L * per_layer_biases, lora=L * per_layer_lora)
+
+
+def nf4_bytes(n: int, double_quant: bool = True) -> tuple:
+    """(codes, constants) bytes of one weight of n elements in [bnb]'s NF4 layout.
+
+    codes:     ceil(n / 2) uint8, two 4-bit codes per byte                      -> 4 bits/param
+    constants: double quant: ceil(n/64) uint8 absmax codes                      -> 8/64 bits/param
+               + ceil(n/64/256) fp32 nested absmax                              -> 32/(64·256)
+               + the per-tensor maps and offset (NF4_TENSOR_CONSTANT_BYTES)
+               without: ceil(n/64) fp32 absmax + the fp32[16] quant_map.
+    Total 4 + 8/64 + 32/16384 = 4.127 bits per parameter with double quantization [QLoRA] §3.
+    """
+    blocks = -(-n // NF4_BLOCKSIZE)
+    codes = -(-n // 2)
+    if not double_quant:
+        return codes, 4 * blocks + 16 * 4
+    nested_blocks = -(-blocks // NESTED_BLOCKSIZE)
+    return codes, blocks + 4 * nested_blocks + NF4_TENSOR_CONSTANT_BYTES
+
+
+def lora_tensor_numels(arch: Architecture, setup: TrainSetup) -> list:
+    """Element count of every LoRA A and B matrix, layer by layer, in module order."""
+    numels = []
+    for _ in range(arch.num_layers):
+        for name, (k, n, _) in arch.linear_shapes().items():
+            if name in setup.targets:
+                numels += [setup.rank * k, n * setup.rank]
+    return numels
+
+
+def optimizer_state_bytes(numels: list, optimizer: str) -> int:
+    """Bytes of AdamW's two moments for trainable tensors of the given sizes.
+
+    adamw:            torch.optim.AdamW, fp32 m and v: 8 bytes per element.
+    paged_adamw(_8bit): [paged] pages of P = DEFAULT_PAGE_BYTES. A 256-element block costs
+                      c = 2·4·256 bytes (fp32 m, v) or c = 2·256 + 2·4 (uint8 m, v codes and an fp32
+                      absmax each, Dettmers et al. 2021 "8-bit Optimizers via Block-wise
+                      Quantization"). A page holds E = floor(P / c)·256 elements; every tensor is
+                      padded to 256-element blocks and packed back to back, so
+                      pages = ceil(Σ ceil(numel/256)·256 / E) and bytes = pages · (E/256)·c.
+    """
+    if optimizer == "adamw":
+        return 8 * sum(numels)
+    block_cost = 2 * 4 * QUANT_BLOCK if optimizer == "paged_adamw" else 2 * QUANT_BLOCK + 2 * 4
+    page_numel = DEFAULT_PAGE_BYTES // block_cost * QUANT_BLOCK
+    padded = sum(-(-n // QUANT_BLOCK) * QUANT_BLOCK for n in numels)
+    pages = -(-padded // page_numel)
+    return pages * (page_numel // QUANT_BLOCK) * block_cost
+
+
+# ---- activations -------------------------------------------------------------------------------
+def layer_activation_bytes_per_token(arch: Architecture, setup: TrainSetup, *,
+                                     grad_into_layer: bool, trainable_base: bool = False) -> int:
+    """Bytes per token autograd saves in one decoder layer [Korthikanti] applied to Llama + LoRA.
+
+    grad_into_layer: the layer's input needs a gradient (False for layer 0 of a frozen model: the
+    embedding output does not). trainable_base: full fine-tuning (every weight has a gradient).
+    Saved tensors, per token:
+      attention block
+        RMSNorm: fp32 copy of its input 4h + fp32 rsqrt 4          (only if its input needs grad;
+                 plus a·h of the normalized input when the norm weight is trained)
+        normalized input a·h, saved once for q/k/v                 (if a consumer is trained)
+        LoRA A·x, a·r per adapted projection                       (dB needs it)
+        SDPA: q a·hq, k and v a·hkv each, output a·hq (also o_proj's input), logsumexp 4·nh
+      MLP block
+        RMSNorm as above; normalized input a·h
+        gate output a·i (SiLU's input), SiLU output a·i, up output a·i, their product a·i
+        (down_proj's input); LoRA A·x a·r per adapted projection
+    """
+    a, r, h, i = setup.compute_bytes, setup.rank, arch.hidden_size, arch.intermediate_size
+    hq, hkv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    adapted = set(setup.targets) if not trainable_base else set()
+
+    def norm(grad_in):
+        return (4 * h + 4 if grad_in else 0) + (a * h if trainable_base else 0)
+
+    total = norm(grad_into_layer)
+    qkv_trained = trainable_base or bool(adapted & {"q_proj", "k_proj", "v_proj"})
+    if qkv_trained:
+        total += a * h
+    total += a * r * len(adapted & {"q_proj", "k_proj", "v_proj"})
+    attention_grad = grad_into_layer or qkv_trained
+    if attention_grad:
+        total += a * hq + 2 * a * hkv + a * hq + 4 * arch.num_heads
+    elif "o_proj" in adapted or trainable_base:
+        total += a * hq   # only o_proj's input
+    total += a * r * ("o_proj" in adapted)
+    mlp_grad = attention_grad or "o_proj" in adapted or trainable_base
+    total += norm(mlp_grad) + a * h + 4 * a * i
+    total += a * r * len(adapted & set(MLP_PROJECTIONS))
+    return total
+
+
+def activation_components(arch: Architecture, setup: TrainSetup, trainable_base: bool = False):
+    """Activation rows: saved for backward, checkpoint offload, and backward transients."""
+    N, a, h, V = setup.tokens, setup.compute_bytes, arch.hidden_size, arch.vocab_size
+    L, i = arch.num_layers, arch.intermediate_size
+    layers = [layer_activation_bytes_per_token(arch, setup, grad_into_layer=trainable_base or k > 0,
+                                               trainable_base=trainable_base) for k in range(L)]
+    # Rotary cos and sin, [1, s, d] each, computed once and shared by all layers.
+    rotary = 2 * a * setup.seq_len * arch.head_dim
+    final_norm = (4 * h + 4) + (a * h if trainable_base else 0)
+    rows = []
+    if not setup.grad_checkpointing:
+        rows.append(Component("activations", N * (sum(layers) + final_norm) + rotary, "gpu",
+                              "N·Σ_layers(saved bytes/token) + final norm N·(4h+4) + rotary 2a·s·d"))
+    else:
+        # [ckpt] each layer keeps its input a·h per token; the final norm is not checkpointed.
+        kept = N * a * h * L
+        on_gpu = N * final_norm + rotary + (0 if setup.offload_checkpoints else kept)
+        rows.append(Component("activations", on_gpu, "gpu",
+                              "checkpoints N·a·h·L (unless offloaded) + final norm N·(4h+4) + rotary"))
+        if setup.offload_checkpoints:
+            rows.append(Component("offloaded checkpoints", kept, "host", "N·a·h·L on the host"))
+            # The layer being recomputed needs its checkpoint back on the device.
+            rows.append(Component("checkpoint in flight", N * a * h, "gpu", "N·a·h", peak_only=True))
+        rows.append(Component("recomputed layer", N * max(layers), "gpu",
+                              "N·(saved bytes/token of one layer), rebuilt in backward",
+                              peak_only=True))
+    # Loss: transformers' ForCausalLMLoss upcasts the logits to fp32 and cross_entropy saves
+    # log_softmax (4V) and the int64 labels (8); the division by the token count saves one fp32
+    # scalar. The upcast is a copy only when a < 4.
+    upcast = 4 * V if a < 4 else 0
+    rows.append(Component("logits and loss", N * (a * V + upcast + 4 * V + 8) + 4, "gpu",
+                          "N·(a·V logits + 4V fp32 upcast if a<4 + 4V log_softmax + 8 labels) + 4"))
+    # Backward transients, the larger of: the loss backward (fp32 grads of log_softmax and of the
+    # logits, 4V each) and the SwiGLU backward (grads of gate, up and their product, a·i each,
+    # with grads of the block's input and output, a·h each).
+    loss_backward = 8 * V
+    mlp_backward = 3 * a * i + 2 * a * h
+    rows.append(Component("backward transients", N * max(loss_backward, mlp_backward), "gpu",
+                          "N·max(8V, 3a·i + 2a·h)", peak_only=True))
+    return rows
+
+
+# ---- the estimate ------------------------------------------------------------------------------
+def estimate(config: dict, setup: TrainSetup, source: str = "config") -> Estimate:
+    """QLoRA: NF4 base, 16-bit non-quantized params, LoRA adapters with AdamW."""
+    arch = Architecture.from_config(config, source)
+    params = count_params(arch, setup)
+    shapes = arch.linear_shapes()
+    codes = constants = 0
+    for k, n, _ in shapes.values():
+        c, q = nf4_bytes(k * n)
+        codes += arch.num_layers * c
+        constants += arch.num_layers * q
+    a, lb = setup.compute_bytes, setup.lora_bytes
+    lora_numels = lora_tensor_numels(arch, setup)
+    on_device = "gpu"
+    est = Estimate(arch, setup, params)
+    est.components += [
+        Component("nf4 base weights", codes, on_device, "Σ ceil(n/2): 4 bits per weight [QLoRA]"),
+        Component("nf4 quant constants", constants, on_device,
+                  "Σ ceil(n/64) + 4·ceil(n/16384) + 1092: double-quantized absmax [QLoRA][bnb]"),
+        Component("16-bit params", a * params.unquantized, on_device,
+                  "a·(V·h embedding + V·h lm_head unless tied + (2L+1)·h norms + biases)"),
+        Component("lora params", lb * params.lora, on_device, "lora_bytes·L·Σ r·(in+out)"),
+        Component("lora grads", lb * params.lora, on_device, "same as the LoRA params"),
+        Component("optimizer states", optimizer_state_bytes(lora_numels, setup.optimizer),
+                  on_device, f"AdamW m and v ({setup.optimizer}, see optimizer_state_bytes)"),
+    ]
+    est.components += activation_components(arch, setup)
+    # The reference (PyTorch) NF4 path dequantizes one whole weight per matmul.
+    largest = max(k * n for k, n, _ in shapes.values())
+    est.components.append(Component("dequant workspace", a * largest, on_device,
+                                    "a·max(n): one dequantized weight", peak_only=True))
+    if setup.device == "cuda":
+        est.components.append(Component("cuda context", CUDA_CONTEXT_BYTES, on_device,
+                                        "CUDA context + library workspaces (constant)"))
+    return est
+
+
+def full_finetune_bytes(config: dict, setup: TrainSetup) -> int:
+    """Full fine-tuning, 16-bit mixed precision AdamW: 16 bytes per parameter [ZeRO] + activations
+    with every weight trained + logits + CUDA context."""
+    arch = Architecture.from_config(config)
+    params = count_params(arch, setup).base_total
+    rows = activation_components(arch, setup, trainable_base=True)
+    context = CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0
+    return 16 * params + sum(c.bytes for c in rows if c.device == "gpu") + context
+
+
+def lora16_bytes(config: dict, setup: TrainSetup) -> int:
+    """16-bit LoRA: the QLoRA estimate with the NF4 rows replaced by a·(quantized params)."""
+    est = estimate(config, setup)
+    nf4 = est.bytes_of("nf4 base weights") + est.bytes_of("nf4 quant constants")
+    return est.gpu_bytes - nf4 + setup.compute_bytes * est.params.quantized_linear
+
+
+def comparison(config: dict, setup: TrainSetup) -> list:
+    """Rows {method, with_checkpointing, without_checkpointing} in bytes, same seq/batch/rank."""
+    with_ckpt = replace(setup, grad_checkpointing=True, offload_checkpoints=False)
+    without = replace(setup, grad_checkpointing=False, offload_checkpoints=False)
+    return [
+        {"method": "full fine-tune (16-bit AdamW)", "with_checkpointing": full_finetune_bytes(config, with_ckpt),
+         "without_checkpointing": full_finetune_bytes(config, without)},
+        {"method": "LoRA (16-bit base)", "with_checkpointing": lora16_bytes(config, with_ckpt),
+         "without_checkpointing": lora16_bytes(config, without)},
+        {"method": "QLoRA (NF4 base)", "with_checkpointing": estimate(config, with_ckpt).gpu_bytes,
+         "without_checkpointing": estimate(config, without).gpu_bytes},
+    ]
+
+
+def largest_fit(config: dict, setup: TrainSetup, gpu_bytes: int) -> dict:
+    """Largest seq_len at the setup's batch_size, and largest batch_size at its seq_len, whose
+    estimate fits in ``gpu_bytes`` (0 when even 1 does not fit). The estimate grows monotonically
+    with both, so a doubling search then bisection finds the boundary."""
+    def fits(**change):
+        return estimate(config, replace(setup, **change)).gpu_bytes <= gpu_bytes
+
+    def largest(name):
+        if not fits(**{name: 1}):
+            return 0
+        lo, hi = 1, 2
+        while fits(**{name: hi}):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(**{name: mid}) else (lo, mid)
+        return lo
+
+    max_seq = largest("seq_len")
+    return {"max_seq_len": max_seq, "at_batch_size": setup.batch_size,
+            "max_batch_size": largest("batch_size"), "at_seq_len": setup.seq_len,
+            "max_tokens": max_seq * setup.batch_size}
+
+
+def load_config(spec: str) -> tuple:
+    """(config dict, source name) from a preset name, a config.json, or a checkpoint directory
+    holding one. Errors name what was tried."""
+    if spec in list_presets():
+        return load_preset(spec), f"preset {spec}"
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(list_presets())}) nor "
+                         f"a config.json nor a directory holding one")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config, path

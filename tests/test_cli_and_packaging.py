@@ -1,0 +1,62 @@
+"""The installed package: console script, `qlora info`, and the import names it exposes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qlora
+
+
+def _run(args, cwd, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_version_flag(tmp_path):
+    proc = _run([sys.executable, "-m", "qlora", "--version"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"qlora {qlora.__version__}"
+
+
+def test_console_script_is_installed(tmp_path):
+    script = Path(sys.executable).with_name("qlora")
+    if not script.exists():
+        pytest.fail(f"console script missing next to {sys.executable}: reinstall the package")
+    proc = _run([str(script), "--version"], cwd=tmp_path)
+    assert proc.returncode == 0 and qlora.__version__ in proc.stdout, proc.stderr
+
+
+def test_info_reports_versions_device_and_backend(tmp_path):
+    import torch
+
+    proc = _run([sys.executable, "-m", "qlora", "info"], cwd=tmp_path, env={"QLORA_BACKEND": "torch"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"torch         {torch.__version__}" in out
+    for package in ("triton", "bitsandbytes", "transformers"):
+        assert package in out
+    assert ("CPU only" in out) != torch.cuda.is_available()
+    assert "backend       torch (QLORA_BACKEND=torch)" in out
+    assert "CUDA extension (csrc/):" in out
+
+
+def test_bad_backend_name_is_a_clear_error(tmp_path):
+    proc = _run([sys.executable, "-m", "qlora", "info"], cwd=tmp_path, env={"QLORA_BACKEND": "tpu"})
+    assert proc.returncode == 2
+    assert "QLORA_BACKEND='tpu' is not one of auto, triton, cuda, torch" in proc.stderr
+
+
+def test_kernels_import_only_under_qlora(tmp_path):
+    """`qlora.kernels` imports; a top-level `kernels` (Hugging Face's package name) does not come
+    from this installation. Run outside the checkout, so the repository root is not on sys.path."""
+    code = ("import importlib.util, qlora.kernels, qlora;"
+            "spec = importlib.util.find_spec('kernels');"
+            "print(qlora.kernels.__name__, None if spec is None else spec.origin)")
+    proc = _run([sys.executable, "-c", code], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    name, origin = proc.stdout.split()
+    assert name == "qlora.kernels"
+    repo_kernels = str(Path(qlora.__file__).resolve().parents[1] / "kernels")
+    assert origin == "None" or not origin.startswith(repo_kernels), origin
