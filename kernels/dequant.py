@@ -164,9 +164,9 @@ def nf4_kernel_args(weight):
     if len(weight.shape) != 2:
         raise ValueError(f"NF4 weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
-    if k % weight.blocksize:
+    if n % weight.blocksize or k % weight.blocksize:
         raise ValueError(
-            f"NF4 weight shape [N={n}, K={k}]: K must be a multiple of the quantization "
+            f"NF4 weight shape [N={n}, K={k}]: N and K must be multiples of the quantization "
             f"blocksize {weight.blocksize} (the fused kernels index blocks per row)")
     if weight.blocksize % 2:
         raise ValueError(f"NF4 blocksize must be even, got {weight.blocksize}")

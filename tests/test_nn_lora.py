@@ -8,7 +8,7 @@ from torch import nn
 from qlora.nf4 import quantize
 from qlora.nn import Linear4bit, LoRALinear
 
-N, K, R, M = 96, 128, 8, 5  # all distinct, so a saved [N, K] tensor can only be a copy of W0
+N, K, R, M = 192, 128, 8, 5  # all distinct, so a saved [N, K] tensor can only be a copy of W0
 
 
 def _layer(dtype=torch.float32, r=R, alpha=16.0, dropout=0.0, bias=True, seed=0):
@@ -78,6 +78,33 @@ def test_low_precision_forward_within_rounding_of_fp32(dtype):
     x = torch.randn(M, K).to(dtype)
     err = (layer(x).float() - _reference(layer, x)).abs()
     assert (err <= 3 * u * _magnitude(layer, x)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_within_rounding_of_fp32(dtype):
+    # dX = dY·W0 + s·(dY·B)·A, dA = s·(dY·B)ᵀ·x, dB = s·dYᵀ·(x·Aᵀ). In the low-precision path each
+    # has at most three roundings to dtype on the way (W0 or the x·Aᵀ / dY·B intermediate, a second
+    # intermediate, the result); s = 2 is exact. Same 3u·magnitude bound as the forward test, with the
+    # magnitudes of the same products over absolute values.
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    layer = _layer(dtype)
+    s = layer.scaling["default"]
+    assert s == 2.0
+    x = torch.randn(M, K).to(dtype).requires_grad_(True)
+    dy = torch.randn(M, N).to(dtype)
+    layer(x).backward(dy)
+    w = layer.base_layer.weight.dequantize(torch.float32)
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    x32, dy32 = x.detach().float(), dy.float()
+    expected = {
+        "dX": (dy32 @ w + s * (dy32 @ b) @ a, dy32.abs() @ w.abs() + s * (dy32.abs() @ b.abs()) @ a.abs()),
+        "dA": (s * (dy32 @ b).t() @ x32, s * (dy32.abs() @ b.abs()).t() @ x32.abs()),
+        "dB": (s * dy32.t() @ (x32 @ a.t()), s * dy32.abs().t() @ (x32.abs() @ a.abs().t())),
+    }
+    got = {"dX": x.grad, "dA": layer.lora_A["default"].weight.grad, "dB": layer.lora_B["default"].weight.grad}
+    for name, (ref, magnitude) in expected.items():
+        assert got[name].dtype == dtype
+        assert ((got[name].float() - ref).abs() <= 3 * u * magnitude).all(), name
 
 
 def test_no_dense_copy_of_w0_is_saved_for_backward():
@@ -189,7 +216,7 @@ def test_linear4bit_loads_bitsandbytes_checkpoint_and_rejects_wrong_shape():
     assert torch.equal(ours.dequantized_weight(), bnbF.dequantize_4bit(packed, qs, quant_type="nf4"))
     assert torch.equal(ours.bias, bnb_layer.bias)
     wrong = Linear4bit(quantize(torch.zeros(N, K + 64)), torch.zeros(N))
-    with pytest.raises(RuntimeError, match=r"weight: shape \(96, 128\) in the checkpoint"):
+    with pytest.raises(RuntimeError, match=r"weight: shape \(192, 128\) in the checkpoint"):
         wrong.load_state_dict(bnb_layer.state_dict())
 
 
