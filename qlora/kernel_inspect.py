@@ -1,5 +1,6 @@
-"""Ahead-of-time inspection of the NF4 + LoRA kernels: compile every autotune config for a GPU
-architecture without a GPU and report registers, spills, shared memory and the MMA instructions.
+"""Ahead-of-time inspection of the Triton kernels: compile every autotune config of the NF4 + LoRA
+kernels, and every ``AOT_SPECS`` specialisation of the element-wise and loss kernels, for a GPU
+architecture without a GPU, and report registers, spills, shared memory and the MMA instructions.
 
 ``triton.compile`` with a ``GPUTarget`` runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX
 -> cubin with Triton's bundled ptxas) on the CPU. Registers and spills come from ``ptxas -v`` on the
@@ -8,6 +9,7 @@ shared memory the launch requests). "Main loop MMA" is read from the PTX: ``wgmm
 sm_90, ``mma.sync`` on sm_80; a kernel that fell back to FMA shows neither.
 """
 import dataclasses
+import importlib
 import os
 import re
 import subprocess
@@ -23,6 +25,8 @@ from qlora.kernels.nf4_gemv import nf4_gemv_lora_kernel
 from qlora.kernels.nf4_lora_linear import lora_a_kernel, nf4_lora_linear_fwd_kernel
 from qlora.kernels.nf4_lora_linear_bwd import nf4_lora_linear_bwd_dx_kernel
 
+# kernel modules that list their launch specialisations in AOT_SPECS (kernel, signature, constexprs)
+ELEMENTWISE_MODULES = ("swiglu", "rms_norm", "rope", "cross_entropy")
 ARCHS = {"sm_80": 80, "sm_90": 90}
 EXPECTED_MMA = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}
 # kernels whose configs must not spill (the ISSUE's "fused forward/backward main configs")
@@ -134,13 +138,17 @@ def compile_config(spec: KernelSpec, config, arch: str) -> InspectResult:
         raise ValueError(f"kernel {spec.name}: pointer args {missing} not in its signature {fn.arg_names}")
     # pointers are 16-byte aligned (PyTorch allocations); lets Triton vectorize as on a real launch
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.pointers}
-    result = InspectResult(spec.name, _config_label(config), arch)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return _compile(InspectResult(spec.name, _config_label(config), arch),
+                    ASTSource(fn, signature, constexprs, attrs), options)
+
+
+def _compile(result: InspectResult, source, options: dict) -> InspectResult:
+    """Compile ``source`` for ``result.arch`` and fill in registers, spills, shared memory and MMA."""
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", ARCHS[arch], 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[result.arch], 32), options=options)
         ptx = compiled.asm["ptx"]
-        result.registers, result.spill_bytes = ptxas_usage(ptx, arch)
+        result.registers, result.spill_bytes = ptxas_usage(ptx, result.arch)
     except Exception as exc:  # a compile failure is a result to report, not a crash of the report
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         return result
@@ -152,8 +160,25 @@ def compile_config(spec: KernelSpec, config, arch: str) -> InspectResult:
     return result
 
 
+def elementwise_results(arch: str, kernels=None) -> list:
+    """Compile every AOT_SPECS entry of the element-wise and loss kernel modules for ``arch``."""
+    results = []
+    for module in ELEMENTWISE_MODULES:
+        for spec in importlib.import_module(f"qlora.kernels.{module}").AOT_SPECS:
+            fn = spec["kernel"]
+            name = fn.__name__.removesuffix("_kernel")
+            if kernels is not None and name not in kernels:
+                continue
+            dtype = next(t for t in spec["signature"].values() if t.startswith("*"))[1:]
+            label = ",".join([dtype] + [f"{k}={v}" for k, v in spec["constexprs"].items()])
+            source = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
+            results.append(_compile(InspectResult(name, label, arch), source, {}))
+    return results
+
+
 def inspect_kernels(arch: str, kernels=None, max_configs=None) -> list:
-    """Compile every config of every kernel (or of ``kernels``; the first ``max_configs`` of each)."""
+    """Compile every config of every kernel (or of ``kernels``; the first ``max_configs`` autotune
+    configs of each NF4 kernel), then every element-wise/loss specialisation."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     if configs.interpreting():
@@ -165,7 +190,7 @@ def inspect_kernels(arch: str, kernels=None, max_configs=None) -> list:
             continue
         for config in configs.CONFIGS[spec.name][arch][:max_configs]:
             results.append(compile_config(spec, config, arch))
-    return results
+    return results + elementwise_results(arch, kernels)
 
 
 def problems(results) -> list:

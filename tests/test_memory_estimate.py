@@ -106,6 +106,22 @@ def test_offload_moves_the_checkpoints_to_the_host():
     assert offloaded.bytes_of("checkpoint in flight") == 24 * 2 * 64
 
 
+def test_chunked_loss_replaces_the_logits_by_one_chunk():
+    full = est.estimate(CONFIG_B, SETUP_B)
+    chunked = est.estimate(CONFIG_B, est.TrainSetup(**{**vars(SETUP_B), "chunked_loss": True}))
+    N, a, h, V = 24, 2, 64, 100
+    assert full.bytes_of("logits and loss") == N * (a * V + 4 * V + 4 * V + 8) + 4
+    # dL/dhidden kept from the forward, fp32 loss and int64 labels per token; 24 tokens < one chunk
+    assert chunked.bytes_of("loss (chunked)") == N * (a * h + 4 + 8) + 4
+    assert chunked.bytes_of("logits chunk") == N * a * V
+    # at 7B and 32k tokens the [tokens, vocab] logits dominate; chunking must remove GBs
+    setup = est.TrainSetup(seq_len=32768)
+    llama = load_preset("llama-2-7b")
+    saved = est.estimate(llama, setup).gpu_bytes - est.estimate(llama, est.TrainSetup(seq_len=32768,
+                                                                                         chunked_loss=True)).gpu_bytes
+    assert saved > 8 * est.GB
+
+
 @pytest.mark.parametrize("config", [CONFIG_A, CONFIG_B, load_preset("llama-2-70b"),
                                     load_preset("qwen2.5-7b"), load_preset("llama-3.1-8b")],
                          ids=["A", "B", "llama-2-70b", "qwen2.5-7b", "llama-3.1-8b"])

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     e.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--offload-checkpoints", action="store_true",
                    help="keep the layer checkpoints in host memory")
+    e.add_argument("--chunked-loss", action="store_true",
+                   help="lm_head + cross-entropy chunk by chunk (no full logits tensor)")
     e.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GB (10^9 bytes)")
     e.add_argument("--json", action="store_true", help="print JSON instead of tables")
     e.set_defaults(func=run_estimate)
@@ -39,7 +41,7 @@ def run_estimate(args) -> int:
     setup = est.TrainSetup(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                            targets=est.parse_targets(args.targets), optimizer=args.optimizer,
                            grad_checkpointing=args.grad_checkpointing,
-                           offload_checkpoints=args.offload_checkpoints)
+                           offload_checkpoints=args.offload_checkpoints, chunked_loss=args.chunked_loss)
     budget = int(args.gpu_gb * est.GB)
     estimate = est.estimate(config, setup, source)
     rows = est.comparison(config, setup)

@@ -138,6 +138,7 @@ class TrainSetup:
     optimizer: str = "paged_adamw"
     grad_checkpointing: bool = True
     offload_checkpoints: bool = False
+    chunked_loss: bool = False  # qlora.losses: lm_head + cross-entropy chunk by chunk over tokens
     compute_bytes: int = 2   # bf16 activations and 16-bit base params
     lora_bytes: int = 4      # fp32 adapters (PEFT's default autocast_adapter_dtype=True)
     device: str = "cuda"     # "cpu": no CUDA context
@@ -305,6 +306,16 @@ def layer_activation_bytes_per_token(arch: Architecture, setup: TrainSetup, *,
     return total
 
 
+def _chunk_tokens(vocab_size: int, compute_bytes: int) -> int:
+    """Tokens per chunk of the chunked loss: qlora.kernels.cross_entropy.default_chunk_size."""
+    import torch
+
+    from qlora.kernels.cross_entropy import default_chunk_size
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[compute_bytes]
+    return default_chunk_size(vocab_size, dtype)
+
+
 def activation_components(arch: Architecture, setup: TrainSetup, trainable_base: bool = False):
     """Activation rows: saved for backward, checkpoint offload, and backward transients."""
     N, a, h, V = setup.tokens, setup.compute_bytes, arch.hidden_size, arch.vocab_size
@@ -331,6 +342,19 @@ def activation_components(arch: Architecture, setup: TrainSetup, trainable_base:
         rows.append(Component("recomputed layer", N * max(layers), "gpu",
                               "N·(saved bytes/token of one layer), rebuilt in backward",
                               peak_only=True))
+    mlp_backward = 3 * a * i + 2 * a * h
+    if setup.chunked_loss:
+        # [chunked] qlora.losses computes dL/dhidden (a·h per token) during the forward, chunk by
+        # chunk, and keeps it with the fp32 per-token loss and the labels; only one chunk of C tokens
+        # of logits exists at a time, and the loss backward is a scaling of the saved gradient.
+        chunk = min(N, _chunk_tokens(V, a))
+        rows.append(Component("loss (chunked)", N * (a * h + 4 + 8) + 4, "gpu",
+                              "N·(a·h dL/dhidden + 4 loss + 8 labels) + 4"))
+        rows.append(Component("logits chunk", chunk * (a * V), "gpu",
+                              f"C·a·V, C = {chunk} tokens per chunk", peak_only=True))
+        rows.append(Component("backward transients", N * mlp_backward, "gpu", "N·(3a·i + 2a·h)",
+                              peak_only=True))
+        return rows
     # Loss: transformers' ForCausalLMLoss upcasts the logits to fp32 and cross_entropy saves
     # log_softmax (4V) and the int64 labels (8); the division by the token count saves one fp32
     # scalar. The upcast is a copy only when a < 4.
@@ -341,7 +365,6 @@ def activation_components(arch: Architecture, setup: TrainSetup, trainable_base:
     # logits, 4V each) and the SwiGLU backward (grads of gate, up and their product, a·i each,
     # with grads of the block's input and output, a·h each).
     loss_backward = 8 * V
-    mlp_backward = 3 * a * i + 2 * a * h
     rows.append(Component("backward transients", N * max(loss_backward, mlp_backward), "gpu",
                           "N·max(8V, 3a·i + 2a·h)", peak_only=True))
     return rows

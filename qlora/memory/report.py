@@ -27,6 +27,7 @@ def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: i
     """The human-readable estimate: components, total, fit, largest fit, method comparison."""
     s = est.setup
     ckpt = "on" + (", offloaded" if s.offload_checkpoints else "") if s.grad_checkpointing else "off"
+    ckpt += ", chunked loss" if s.chunked_loss else ""
     lines = [f"QLoRA memory estimate: {est.architecture.model_type}, "
              f"{est.params.base_total / 1e9:.2f}B params, seq_len {s.seq_len} x batch "
              f"{s.batch_size}, rank {s.rank}, {s.optimizer}, checkpointing {ckpt}",
