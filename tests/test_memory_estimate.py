@@ -158,7 +158,7 @@ def test_nf4_is_4_127_bits_per_quantized_parameter():
 
 
 def test_nf4_bytes_match_a_quantized_tensor():
-    nf4 = pytest.importorskip("qlora.nf4")
+    from qlora import nf4
     w = torch.randn(96, 200)   # 19200 weights: 300 blocks of 64, 2 nested blocks (one partial)
     q = nf4.quantize(w, blocksize=64, double_quant=True)
     codes, constants = est.nf4_bytes(w.numel())
