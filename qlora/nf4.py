@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from qlora.dynamic_map import dynamic_map
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
@@ -45,26 +47,7 @@ NF4_CODE = torch.tensor(
 )
 
 
-def _signed_dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2015, "8-bit approximations").
-
-    For exponent e in 0..6, 2**e + 1 linearly spaced fraction boundaries in [0.1, 1]; the midpoints
-    of consecutive boundaries times 10**(e - 6) are the codes, mirrored for the sign; plus 0 and 1,
-    sorted. 127 positive + 127 negative + {0, 1} = 256 values.
-    """
-    values = []
-    for e in range(7):
-        bounds = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
-        mids = (bounds[:-1] + bounds[1:]) / 2.0
-        # Scale in fp32 tensor arithmetic, as bitsandbytes does: scaling the float64 midpoints
-        # instead differs from its table in the last bit of 30 entries.
-        scale = 10 ** (e - 6)
-        values += (scale * mids).tolist() + (-scale * mids).tolist()
-    values += [0.0, 1.0]
-    return torch.tensor(sorted(values), dtype=torch.float32)
-
-
-DYNAMIC_MAP = _signed_dynamic_map()
+DYNAMIC_MAP = dynamic_map(signed=True)  # double quantization of the absmax
 
 
 def _blockwise_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

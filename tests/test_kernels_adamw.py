@@ -5,8 +5,9 @@ Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and the kernels run on C
 import pytest
 import torch
 
+from qlora.dynamic_map import dynamic_map
 from qlora.kernels.adamw import QUANT_BLOCK, adamw8bit_update, adamw_update
-from qlora.optim.quant8 import dequantize_blockwise, dynamic_map, quantize_blockwise
+from qlora.optim.quant8 import dequantize_blockwise, quantize_blockwise
 from qlora.optim.update import adamw8bit_update_torch, adamw_scalars, adamw_update_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

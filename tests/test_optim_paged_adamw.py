@@ -11,7 +11,7 @@ import torch
 
 from qlora.optim import PagedAdamW, lora_plus_param_groups
 from qlora.optim.pages import AUTO_MIN_HEADROOM_BYTES, PagePool, auto_budget_bytes
-from qlora.optim.quant8 import dynamic_map
+from qlora.dynamic_map import dynamic_map
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Awkward shapes: a scalar-like parameter, sizes off the 256-element block, one larger than a
