@@ -29,3 +29,39 @@ def _bnb_lookup_dequantize(packed, state):
 @pytest.fixture
 def bnb_lookup_dequantize():
     return _bnb_lookup_dequantize
+
+
+def _bnb_nf4_weight(n, k, dtype, device, generator):
+    """A random [n, k] weight quantized by bitsandbytes (NF4, double quant, blocksize 64), as
+    (qlora NF4Tensor over bnb's tensors, its exact dequantization in ``dtype``)."""
+    from bitsandbytes import functional as bnbF
+
+    from qlora.nf4 import NF4Tensor
+
+    w = (torch.randn(n, k, generator=generator) / k**0.5).to(dtype).to(device)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return NF4Tensor.from_bnb(packed, state), _bnb_lookup_dequantize(packed, state).to(dtype)
+
+
+@pytest.fixture
+def bnb_nf4_weight():
+    return _bnb_nf4_weight
+
+
+U_BF16 = 2.0**-8  # bf16 unit roundoff
+
+
+def _assert_close_as_torch(ours, theirs, exact, name):
+    """Ours within 2x PyTorch's bf16 error against fp32, plus one bf16 ulp (2u = 2^-7
+    relative) of the largest value: we round once at the store, where PyTorch may happen to be
+    exact; on a GPU that rounding is to nearest (half an ulp), under TRITON_INTERPRET=1 the
+    fp32 -> bf16 cast truncates (up to a full ulp)."""
+    err_ours = (ours.float() - exact).abs().max().item()
+    err_torch = (theirs.float() - exact).abs().max().item()
+    bound = 2 * err_torch + 2 * U_BF16 * exact.abs().max().item()
+    assert err_ours <= bound, f"{name}: {err_ours:.3g} > {bound:.3g} (torch {err_torch:.3g})"
+
+
+@pytest.fixture
+def assert_close_as_torch():
+    return _assert_close_as_torch

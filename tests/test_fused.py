@@ -7,7 +7,6 @@ PyTorch low precision + one output rounding (2^-7 bf16 under the interpreter's t
 """
 import types
 
-import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
@@ -16,20 +15,6 @@ from qlora.kernels.nf4_lora_linear import lora_dropout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT = 2.0**-8 if torch.cuda.is_available() else 2.0**-7
-
-
-def nf4_weight(n, k, gen):
-    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16().to(DEVICE)
-    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    weight = types.SimpleNamespace(packed=packed, shape=(n, k), blocksize=64, absmax=st.absmax, quant_map=st.code,
-                                   offset=st.offset, nested_absmax=st.state2.absmax,
-                                   nested_quant_map=st.state2.code, nested_blocksize=st.state2.blocksize)
-    byte = packed.view(-1).long()
-    codes = torch.stack([byte >> 4, byte & 0xF], dim=1).view(-1)
-    nested = st.state2.absmax.repeat_interleave(256)[: st.absmax.numel()]
-    absmax = st.state2.code[st.absmax.long()] * nested + st.offset
-    dense = (st.code[codes] * absmax.repeat_interleave(64)).view(n, k).bfloat16()
-    return weight, dense
 
 
 def reference(x, w, bias, adapters, masks, dtype):
@@ -54,12 +39,12 @@ def check(ours, ref32, lowp):
 
 
 @pytest.mark.parametrize("path,m", [("fused", 3), ("fused", 130), ("dense", 64), ("gemv", 1)])
-def test_function_matches_reference(path, m, monkeypatch):
+def test_function_matches_reference(path, m, monkeypatch, bnb_nf4_weight):
     if path == "dense":
         monkeypatch.setitem(fused.DENSE_FROM_M, fused.current_arch(), 17)
     gen = torch.Generator().manual_seed(0)
     k, n = 192, 64
-    weight, w = nf4_weight(n, k, gen)
+    weight, w = bnb_nf4_weight(n, k, torch.bfloat16, DEVICE, gen)
     x = torch.randn(2, m, k, generator=gen).bfloat16().to(DEVICE)  # 3-D input: [..., K]
     bias = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
     adapters = [types.SimpleNamespace(A=(torch.randn(r, k, generator=gen) / k**0.5).bfloat16().to(DEVICE),
@@ -100,9 +85,9 @@ def test_function_matches_reference(path, m, monkeypatch):
         check(g, g32.grad, glow)
 
 
-def test_triton_entry_point_reshapes_and_rejects_other_code_books():
+def test_triton_entry_point_reshapes_and_rejects_other_code_books(bnb_nf4_weight):
     gen = torch.Generator().manual_seed(1)
-    weight, w = nf4_weight(64, 64, gen)
+    weight, w = bnb_nf4_weight(64, 64, torch.bfloat16, DEVICE, gen)
     x = torch.randn(2, 3, 64, generator=gen).bfloat16().to(DEVICE)
     y = fused.nf4_lora_linear_triton(x, weight, None, [])
     assert y.shape == (2, 3, 64)

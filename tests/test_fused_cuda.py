@@ -9,7 +9,6 @@ rounding (2^-8 bf16, 2^-11 fp16 relative to the output's magnitude).
 import itertools
 import types
 
-import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
@@ -22,23 +21,10 @@ GRID = list(itertools.product([1, 3, 64, 130], [64, 192, 320], [64, 192, 320], [
                               [torch.bfloat16, torch.float16]))
 
 
-def nf4(n, k, dtype, gen):
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).cuda()
-    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    weight = types.SimpleNamespace(packed=packed, shape=(n, k), blocksize=64, absmax=st.absmax, quant_map=st.code,
-                                   offset=st.offset, nested_absmax=st.state2.absmax,
-                                   nested_quant_map=st.state2.code, nested_blocksize=st.state2.blocksize)
-    byte = packed.view(-1).long()
-    codes = torch.stack([byte >> 4, byte & 0xF], dim=1).view(-1)
-    nested = st.state2.absmax.repeat_interleave(256)[: st.absmax.numel()]
-    absmax = st.state2.code[st.absmax.long()] * nested + st.offset
-    return weight, (st.code[codes] * absmax.repeat_interleave(64)).view(n, k).to(dtype)
-
-
 @pytest.mark.parametrize("m,k,n,r,dtype", GRID)
-def test_grid_on_gpu(m, k, n, r, dtype):
+def test_grid_on_gpu(m, k, n, r, dtype, bnb_nf4_weight):
     gen = torch.Generator().manual_seed(m * 7 + k + n + r)
-    weight, w = nf4(n, k, dtype, gen)
+    weight, w = bnb_nf4_weight(n, k, dtype, "cuda", gen)
     x = torch.randn(m, k, generator=gen).to(dtype).cuda().requires_grad_()
     a = (torch.randn(r, k, generator=gen) / k**0.5).to(dtype).cuda().requires_grad_()
     b = torch.randn(n, r, generator=gen).to(dtype).cuda().requires_grad_()
