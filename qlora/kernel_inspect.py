@@ -25,7 +25,8 @@ from qlora.kernels.nf4_gemv import nf4_gemv_lora_kernel
 from qlora.kernels.nf4_lora_linear import lora_a_kernel, nf4_lora_linear_fwd_kernel
 from qlora.kernels.nf4_lora_linear_bwd import nf4_lora_linear_bwd_dx_kernel
 
-# kernel modules that list their launch specialisations in AOT_SPECS (kernel, signature, constexprs)
+# kernel modules that list their launch specialisations in AOT_SPECS (kernel, signature,
+# constexprs, and the launch options such as num_warps where not Triton's default)
 ELEMENTWISE_MODULES = ("swiglu", "rms_norm", "rope", "cross_entropy")
 ARCHS = {"sm_80": 80, "sm_90": 90}
 EXPECTED_MMA = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}
@@ -170,9 +171,10 @@ def elementwise_results(arch: str, kernels=None) -> list:
             if kernels is not None and name not in kernels:
                 continue
             dtype = next(t for t in spec["signature"].values() if t.startswith("*"))[1:]
-            label = ",".join([dtype] + [f"{k}={v}" for k, v in spec["constexprs"].items()])
+            options = spec.get("options", {})
+            label = ",".join([dtype] + [f"{k}={v}" for k, v in {**spec["constexprs"], **options}.items()])
             source = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
-            results.append(_compile(InspectResult(name, label, arch), source, {}))
+            results.append(_compile(InspectResult(name, label, arch), source, options))
     return results
 
 
