@@ -15,6 +15,7 @@ per forward, saved, and the masks are regenerated in backward.
 Per-shape path (``choose_path``): M <= 16 -> split-K GEMV; M >= the measured crossover of this
 GPU -> dequantize W0 into a reused buffer + cuBLAS + LoRA epilogue; otherwise the fused kernel.
 """
+import contextlib
 import weakref
 
 import torch
@@ -31,10 +32,32 @@ from qlora.kernels.nf4_lora_linear_bwd import nf4_lora_linear_bwd_dx
 DENSE_FROM_M = {"sm_80": None, "sm_90": None}
 
 
+_pinned = None  # "fused" or "dense" inside pinned_path(), else None: the table decides
+
+
+@contextlib.contextmanager
+def pinned_path(path: str):
+    """Within the block, take ``path`` instead of the crossover table's choice: "dense" for every
+    M, or "fused" (with the GEMV kernel where it applies). Benchmarks use it so that each provider
+    measures the path it names."""
+    global _pinned
+    if path not in ("fused", "dense"):
+        raise ValueError(f"pinned_path: path must be 'fused' or 'dense', got {path!r}")
+    previous, _pinned = _pinned, path
+    try:
+        yield
+    finally:
+        _pinned = previous
+
+
 def choose_path(m: int, requires_grad: bool = False) -> str:
     """'gemv', 'fused' or 'dense' for an activation with M rows."""
+    if _pinned == "dense":
+        return "dense"
     if m <= GEMV_MAX_M and not requires_grad:
         return "gemv"
+    if _pinned == "fused":
+        return "fused"
     crossover = DENSE_FROM_M[current_arch()]
     if crossover is not None and m >= crossover:
         return "dense"

@@ -1,4 +1,5 @@
 """The installed package: console script, `qlora info`, and the import names it exposes."""
+import fnmatch
 import os
 import subprocess
 import sys
@@ -60,3 +61,26 @@ def test_kernels_import_only_under_qlora(tmp_path):
     assert name == "qlora.kernels"
     repo_kernels = str(Path(qlora.__file__).resolve().parents[1] / "kernels")
     assert origin == "None" or not origin.startswith(repo_kernels), origin
+
+
+def test_every_package_and_data_file_is_in_the_wheel_list():
+    """An editable install finds subpackages by path; a wheel ships only what pyproject.toml
+    lists. Every package directory and every non-Python file in one must be listed."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    root = Path(qlora.__file__).resolve().parents[1]
+    setuptools_cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools_cfg["packages"])
+    found = {"qlora." + ".".join(p.parent.relative_to(root / "qlora").parts) if p.parent != root / "qlora" else "qlora"
+             for p in (root / "qlora").rglob("__init__.py") if "__pycache__" not in p.parts}
+    found |= {"qlora.kernels"}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
+    data = setuptools_cfg.get("package-data", {})
+    for package in sorted(found - {"qlora.kernels"}):
+        directory = root.joinpath(*package.split("."))
+        for path in directory.rglob("*"):
+            owner = next(d for d in path.parents if (d / "__init__.py").exists())
+            if owner != directory or not path.is_file() or path.suffix in (".py", ".pyc"):
+                continue  # a subpackage's file, a directory, or code
+            relative = path.relative_to(directory).as_posix()
+            assert any(fnmatch.fnmatch(relative, p) for p in data.get(package, [])), \
+                f"{path.relative_to(root)} is not in [tool.setuptools.package-data] {package!r}"

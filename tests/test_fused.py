@@ -95,3 +95,18 @@ def test_triton_entry_point_reshapes_and_rejects_other_code_books(bnb_nf4_weight
     weight.quant_map = weight.quant_map * 2
     with pytest.raises(ValueError, match="standard NF4 quant_map"):
         fused.nf4_lora_linear_triton(x, weight, None, [])
+
+
+def test_pinned_path_overrides_the_table_and_restores_it(monkeypatch):
+    monkeypatch.setitem(fused.DENSE_FROM_M, fused.current_arch(), 100)
+    assert [fused.choose_path(m) for m in (1, 50, 200)] == ["gemv", "fused", "dense"]
+    with fused.pinned_path("fused"):
+        assert [fused.choose_path(m) for m in (1, 50, 200)] == ["gemv", "fused", "fused"]
+        assert fused.choose_path(1, requires_grad=True) == "fused"
+        with fused.pinned_path("dense"):
+            assert [fused.choose_path(m) for m in (1, 50, 200)] == ["dense", "dense", "dense"]
+        assert fused.choose_path(200) == "fused"
+    assert fused.choose_path(200) == "dense"
+    with pytest.raises(ValueError, match="'gemv'"):
+        with fused.pinned_path("gemv"):
+            pass

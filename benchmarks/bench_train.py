@@ -1,0 +1,12 @@
+"""Whole QLoRA training steps, ours against transformers + bitsandbytes + PEFT (``qlora bench
+train``; the code is qlora.bench.train).
+
+    python benchmarks/bench_train.py --model llama-2-7b --seq-len 2048 --out benchmarks/results/DIR
+    python benchmarks/bench_train.py --quick    # tiny-llama on CPU
+"""
+from qlora.bench.train import add_arguments, main, parse_args, run
+
+__all__ = ["add_arguments", "main", "parse_args", "run"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""`qlora generate --model DIR [--adapter DIR] --prompt TEXT`: try a trained adapter."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="answer a prompt with a model (and adapter)")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face checkpoint directory, or builtin:tiny-llama")
+    parser.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory")
+    parser.add_argument("--prompt", required=True,
+                        help="the instruction, wrapped in the alpaca template unless --raw")
+    parser.add_argument("--raw", action="store_true", help="send the prompt text as it is")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--no-quant", action="store_true",
+                        help="keep the base weights dense instead of NF4 (use the setting of training)")
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from qlora.data.formats import alpaca_prompt
+    from qlora.train.config import Config
+    from qlora.train.loop import generate
+    from qlora.train.model import base_model, load_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    cfg = Config()
+    cfg.model.name_or_path = args.model
+    cfg.quant.enabled = not args.no_quant
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = base_model(cfg, device)
+    if args.adapter is not None:
+        from qlora import load_adapter
+
+        load_adapter(model, args.adapter)
+        model.to(device)
+    tokenizer = load_tokenizer(args.model)
+    text = args.prompt if args.raw else alpaca_prompt(args.prompt)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    print(generate(model, tokenizer, bos + tokenizer.encode(text), args.max_new_tokens))
+    return 0

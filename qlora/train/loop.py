@@ -1,0 +1,374 @@
+"""The training loop (accelerate): exact token-normalized gradient accumulation, clipping, the
+non-finite-step guard, evaluation, sample answers, metrics and checkpoints.
+
+Loss normalization: an optimizer step covers ``gradient_accumulation_steps`` micro-batches on
+each of ``world_size`` processes. The trained tokens of all of them, N, are counted first, and
+each micro-batch's loss is (sum of its per-token losses) / N, times world_size because DDP
+averages gradients over processes. The step's gradient is then exactly that of the mean loss
+over all N tokens, whatever the split into micro-batches and processes — so 4 micro-batches of
+1 sequence give the same update as 1 micro-batch of 4 (the per-micro-batch mean that some
+trainers accumulate does not).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qlora.backend import get_backend
+from qlora.data.batching import BatchStream, collate, single
+from qlora.data.formats import IGNORE_INDEX
+from qlora.losses import chunked_cross_entropy
+from qlora.train import checkpoint as ckpt
+from qlora.train.config import Config, dump_config
+from qlora.train.dataset import build_data, prompt_and_answer
+from qlora.train.metrics import MetricsLog, memory_used, plot_loss
+from qlora.train.model import build_model
+from qlora.train.optimizer import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class LossModule(nn.Module):
+    """The model's summed next-token loss divided by ``num_items``, as one module, so DDP wraps
+    (and synchronizes) the whole forward. Labels are already shifted (see qlora.data.formats)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, num_items, attention_mask=None, position_ids=None):
+        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False)
+        head = self.model.get_output_embeddings().weight
+        hidden = out.last_hidden_state.to(head.dtype)
+        if get_backend(hidden.device) in ("triton", "cuda"):
+            return chunked_cross_entropy(hidden, head, labels, num_items_in_batch=num_items)
+        # qlora.losses is Triton-only; on the torch backend the [tokens, vocab] logits are
+        # materialized, which is what that backend is for (CPU and small models).
+        logits = (hidden @ head.t()).float()
+        summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+        return summed / num_items
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    eval_loss: Optional[float] = None
+    sample_before: Optional[str] = None
+    sample_after: Optional[str] = None
+
+
+def _mixed_precision(cfg: Config) -> str:
+    if torch.cuda.is_available() and cfg.quant.compute_dtype == "bfloat16":
+        return "bf16"
+    return "no"
+
+
+def _batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> float:
+    """Mean loss per trained token over ``examples``."""
+    loss_module = LossModule(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), micro_batch_size):
+        rows = [single(e) for e in examples[start:start + micro_batch_size]]
+        batch = _batch_to(collate(rows, pad_id, packed=False), device)
+        total += float(loss_module(batch["input_ids"], batch["labels"], 1,
+                                   attention_mask=batch["attention_mask"]))
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt_ids`` (uses no random numbers)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = model.generate(torch.tensor([prompt_ids], device=device), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.pad_id,
+                         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device))
+    model.train(was_training)
+    return tokenizer.decode(ids[0, len(prompt_ids):].tolist())
+
+
+def _sample_prompt(cfg: Config, tokenizer, held_out) -> tuple[list[int], Optional[str]]:
+    """(prompt ids, expected answer or None) for the before/after sample."""
+    from qlora.data.formats import alpaca_prompt
+
+    text = cfg.logging.sample_prompt
+    if text is None and held_out:
+        prompt, answer = prompt_and_answer(held_out[0])
+        return prompt, tokenizer.decode(answer)
+    if text is None:
+        return [], None
+    if cfg.data.format == "alpaca":
+        text = alpaca_prompt(text)
+    elif cfg.data.format == "chat":
+        text = "".join(part for part, _ in tokenizer.render_chat([{"role": "user", "content": text}]))
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return bos + tokenizer.encode(text), None
+
+
+def _publish_adapter(model, target: Path) -> None:
+    """Write the final adapter to ``target`` without ever leaving it half-written."""
+    from qlora import save_adapter
+
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, str(tmp))
+    ckpt.fsync_tree(tmp)
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.out = out or sys.stdout
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(),
+                               mixed_precision=_mixed_precision(cfg))
+        self.world = self.acc.num_processes
+        self.output_dir = Path(cfg.train.output_dir)
+        set_seed(cfg.train.seed)
+        self.resumed_from = self._find_checkpoint(resume) if resume else None
+        self.model, self.tokenizer = build_model(
+            cfg, self.acc.device, None if self.resumed_from is None else self.resumed_from / "adapter")
+        if cfg.model.gradient_checkpointing:
+            from qlora.offload import enable_checkpointing
+
+            enable_checkpointing(self.model, offload=cfg.model.offload_activations)
+        self.model.train()
+        self.data = build_data(cfg, self.tokenizer)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.state = ckpt.TrainerState(world_size=self.world)
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
+        self.stream = BatchStream([len(r) for r in self.data.train],
+                                  cfg.train.micro_batch_size * self.world, cfg.train.seed,
+                                  cfg.data.group_by_length and not cfg.data.packing,
+                                  position=self.state.data_position)
+        self.loss_module = self.acc.prepare(LossModule(self.model))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---- output --------------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        if self.acc.is_main_process:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.out)
+
+    # ---- resume --------------------------------------------------------------------------
+    def _find_checkpoint(self, resume: str) -> Path:
+        if resume == "latest":
+            path = ckpt.latest_checkpoint(str(self.output_dir))
+            if path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under "
+                                        f"{ckpt.checkpoints_root(str(self.output_dir))}")
+        else:
+            path = Path(resume)
+        ckpt.check_compatible(path, self.cfg, self.world)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        """Optimizer, scheduler, counters and RNG states of checkpoint ``path`` (the adapter was
+        loaded with the model)."""
+        self.optimizer.load_state_dict(ckpt.read_torch(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.read_torch(path / "scheduler.pt"))
+        self.state = ckpt.read_trainer_state(path)
+        ckpt.set_rng_state(ckpt.read_torch(path / f"rng-rank{self.acc.process_index}.pt"))
+
+    def save_checkpoint(self) -> None:
+        step = self.state.step
+        root = ckpt.checkpoints_root(str(self.output_dir))
+        if (root / f"step-{step}").exists():
+            return  # the checkpoint this run resumed from: never rewritten
+        if self.acc.is_main_process:
+            tmp = ckpt.new_temp_dir(str(self.output_dir), step)
+        self.acc.wait_for_everyone()
+        tmp = root / f".tmp-step-{step}"
+        ckpt.write_rng(tmp, self.acc.process_index)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            from qlora import save_adapter
+
+            ckpt.write_checkpoint_files(tmp, cfg=self.cfg, state=self.state,
+                                        optimizer=self.optimizer, scheduler=self.scheduler,
+                                        save_adapter_fn=lambda d: save_adapter(self.model, str(d)))
+            ckpt.publish(tmp, step, self.cfg.checkpoint.keep)
+        self.acc.wait_for_everyone()
+
+    # ---- one optimizer step --------------------------------------------------------------
+    def _micro_batches(self) -> list[dict]:
+        """This process's share of the next ``gradient_accumulation_steps`` micro-batches."""
+        mb, rank = self.cfg.train.micro_batch_size, self.acc.process_index
+        out = []
+        for _ in range(self.cfg.train.gradient_accumulation_steps):
+            indices = self.stream.next()[rank * mb:(rank + 1) * mb]
+            rows = [self.data.train[i] for i in indices]
+            out.append(_batch_to(collate(rows, self.tokenizer.pad_id, self.cfg.data.packing),
+                                 self.acc.device))
+        return out
+
+    def _all_sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="sum"))
+
+    def train_step(self) -> dict:
+        batches = self._micro_batches()
+        n_trained = self._all_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
+        n_inputs = self._all_sum(sum(int(b["input_ids"].numel()) for b in batches))
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.loss_module)
+            with sync, self.acc.autocast():
+                loss = self.loss_module(batch["input_ids"], batch["labels"], n_trained,
+                                        attention_mask=batch.get("attention_mask"),
+                                        position_ids=batch.get("position_ids"))
+                self.acc.backward(loss * self.world)
+            loss_sum += float(loss.detach())
+        loss_value = self._all_sum(loss_sum)
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.bad_steps_in_a_row = 0
+        else:
+            self.state.bad_steps_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.data_position = self.stream.position
+        self.state.tokens_seen += int(n_inputs)
+        return dict(step=self.state.step, loss=loss_value, lr=lr, grad_norm=grad_norm,
+                    trained_tokens=int(n_trained), skipped=not finite)
+
+    # ---- the run -------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        n_params = sum(p.numel() for p in self.params)
+        self.log(f"model: {cfg.model.name_or_path}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} "
+                 f"(scaling {cfg.lora.alpha / (math.sqrt(cfg.lora.r) if cfg.lora.use_rslora else cfg.lora.r):g}), "
+                 f"{n_params:,} trainable parameters; device {acc.device}, {self.world} process(es), "
+                 f"{'NF4 base' if cfg.quant.enabled else 'dense base'}")
+        self.log(self.data.summary())
+        if self.resumed_from is not None:
+            self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.step) \
+            if acc.is_main_process else None
+        result = TrainResult(self.output_dir, self.output_dir / "adapter", self.state.step)
+        prompt_ids, expected = _sample_prompt(cfg, self.tokenizer, self.data.eval)
+        if prompt_ids and self.resumed_from is None:
+            result.sample_before = generate(self.model, self.tokenizer, prompt_ids,
+                                            cfg.logging.sample_max_new_tokens)
+            self.log(f"prompt:          {self.tokenizer.decode(prompt_ids)!r}")
+            if expected is not None:
+                self.log(f"expected answer: {expected!r}")
+            self.log(f"answer before:   {result.sample_before!r}")
+
+        bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="train",
+                   disable=not (acc.is_main_process and cfg.logging.progress_bar),
+                   dynamic_ncols=True, file=sys.stderr)
+        tick, tick_tokens = time.perf_counter(), self.state.tokens_seen
+        while self.state.step < cfg.train.max_steps:
+            record = self.train_step()
+            if record["skipped"]:
+                self.log(f"step {record['step']}: non-finite loss {record['loss']} or gradient norm "
+                         f"{record['grad_norm']}; step skipped "
+                         f"({self.state.bad_steps_in_a_row} in a row)")
+                if self.state.bad_steps_in_a_row >= cfg.train.max_bad_steps:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"{self.state.bad_steps_in_a_row} non-finite steps in a row (train.max_bad_steps"
+                        f"={cfg.train.max_bad_steps}) up to step {self.state.step}: lower optim.lr, "
+                        f"check the data, or use quant.compute_dtype: bfloat16 instead of float16")
+            now = time.perf_counter()
+            record["tokens_per_s"] = (self.state.tokens_seen - tick_tokens) / max(now - tick, 1e-9)
+            record["memory"] = memory_used(acc.device)
+            tick, tick_tokens = now, self.state.tokens_seen
+            bar.set_postfix_str(f"loss={record['loss']:.3f} lr={record['lr']:.2e} "
+                                f"tok/s={record['tokens_per_s']:.0f} mem={record['memory']}")
+            bar.update(1)
+            step = self.state.step
+            if metrics is not None and (step % cfg.logging.every == 0 or step == cfg.train.max_steps):
+                metrics.write(record)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps \
+                    and self.data.eval:
+                self._eval(metrics, step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+        result.steps = self.state.step
+        if self.data.eval:
+            result.eval_loss = self._eval(metrics, self.state.step)
+        self.save_checkpoint()
+        if prompt_ids:
+            result.sample_after = generate(self.model, self.tokenizer, prompt_ids,
+                                           cfg.logging.sample_max_new_tokens)
+            self.log(f"answer after:    {result.sample_after!r}")
+        if acc.is_main_process:
+            _publish_adapter(self.model, result.adapter_dir)
+            self.log(f"adapter (PEFT format): {result.adapter_dir}")
+            if cfg.logging.loss_plot:
+                plot_loss(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
+                self.log(f"loss curve: {self.output_dir / 'loss.png'}")
+        acc.wait_for_everyone()
+        return result
+
+    def _eval(self, metrics, step: int) -> float:
+        with self.acc.autocast():
+            loss = evaluate(self.model, self.data.eval, self.cfg.train.micro_batch_size,
+                            self.tokenizer.pad_id, self.acc.device)
+        ppl = math.exp(min(loss, 50.0))
+        self.log(f"step {step}: held-out loss {loss:.4f}, perplexity {ppl:.2f}")
+        if metrics is not None:
+            metrics.write(dict(step=step, eval_loss=loss, eval_ppl=ppl))
+        return loss
+
+
+def train(cfg: Config, resume: Optional[str] = None, out=None) -> TrainResult:
+    """Run training as configured; ``resume``: None, ``"latest"`` or a checkpoint directory."""
+    return Trainer(cfg, resume, out).run()

@@ -1,0 +1,130 @@
+"""Record formats, response-only targets, truncation, and malformed lines (file:line errors)."""
+import json
+
+import pytest
+
+from qlora.data.formats import IGNORE_INDEX, ReadStats, alpaca_prompt, load_examples
+from qlora.data.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def _load(path, fmt, **kw):
+    args = dict(max_seq_len=256, train_on_prompt=False, skip_bad_lines=False)
+    args.update(kw)
+    return load_examples(path, fmt, TOK, **args)
+
+
+def _trained_text(example):
+    return TOK.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+def test_alpaca_trains_only_the_response_and_eos(tmp_path):
+    path = _write(tmp_path / "a.jsonl", [{"instruction": "Reverse: abc", "output": "cba"},
+                                          {"instruction": "Add", "input": "2+2", "output": "4"}])
+    first, second = _load(path, "alpaca")
+    prompt = alpaca_prompt("Reverse: abc")
+    tokens = [TOK.bos_id] + TOK.encode(prompt + "cba") + [TOK.eos_id]
+    assert first.input_ids == tokens[:-1]
+    # labels are shifted: labels[t] is the token after input_ids[t]; only "cba" + EOS trained
+    expected = [IGNORE_INDEX] * len(prompt) + TOK.encode("cba") + [TOK.eos_id]
+    assert first.labels == expected
+    assert _trained_text(second) == "4" and "### Input:\n2+2" in TOK.decode(second.input_ids)
+
+
+def test_train_on_prompt_trains_everything_after_bos(tmp_path):
+    path = _write(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])
+    (example,) = _load(path, "alpaca", train_on_prompt=True)
+    assert IGNORE_INDEX not in example.labels
+
+
+def test_chat_and_completion(tmp_path):
+    chat = _write(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"}]}])
+    (example,) = _load(chat, "chat")
+    # both assistant turns (with their end-of-turn newline) are trained, nothing else
+    assert _trained_text(example) == "hello\nciao\n"
+    assert TOK.decode(example.input_ids).startswith("<|system|>\nbe brief\n<|user|>\nhi\n")
+    completion = _write(tmp_path / "t.jsonl", [{"text": "all of it"}])
+    (example,) = _load(completion, "completion")
+    assert _trained_text(example) == "all of it"
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    assert [_trained_text(e) for e in _load(str(path), "completion")] == ["one", "two"]
+
+
+def test_truncation_keeps_max_seq_len_and_drops_examples_without_targets(tmp_path):
+    path = _write(tmp_path / "a.jsonl", [{"instruction": "i", "output": "a long answer"},
+                                          {"instruction": "a very long instruction " * 5, "output": "z"}])
+    stats = ReadStats()
+    examples = _load(path, "alpaca", max_seq_len=40, stats=stats)
+    assert len(examples) == 1 and len(examples[0]) == 40
+    assert stats.truncated == 2 and stats.no_trained_tokens == 1
+    assert _trained_text(examples[0]) == "a long answer"[:40 - len(alpaca_prompt("i"))]
+
+
+@pytest.mark.parametrize("line, fmt, why", [
+    ('{"instruction": "x", "output": ', "alpaca", "invalid JSON"),
+    ('{"instruction": "x"}', "alpaca", "missing field 'output'"),
+    ('{"instruction": "x", "output": 3}', "alpaca", "field 'output' must be a string, got int"),
+    ('["a list"]', "completion", "expected a JSON object, got list"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "chat", "messages[0].role is 'bot'"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "chat", "no assistant message"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, fmt, why):
+    good = {"instruction": "a", "output": "b", "text": "t",
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = _write(tmp_path / "d.jsonl", [good, "", good, line, good])
+    with pytest.raises(ValueError) as err:
+        _load(path, fmt)
+    assert str(err.value).startswith(f"{path}:4: ") and why in str(err.value)
+    stats = ReadStats()
+    assert len(_load(path, fmt, skip_bad_lines=True, stats=stats)) == 3
+    assert len(stats.bad_lines) == 1 and stats.bad_lines[0].startswith(f"{path}:4: ")
+
+
+def test_builtin_dataset_loads():
+    examples = _load("builtin:tasks", "alpaca", max_seq_len=64)
+    assert len(examples) == 640 and all(e.n_trained >= 2 for e in examples)
+
+
+class _TemplateTokenizer:
+    """The part of a Hugging Face tokenizer HFTokenizer uses, with a Llama-2-like template."""
+
+    chat_template = "llama-2-like"
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) + 3 for c in text]}
+
+    def __len__(self):
+        return 259
+
+    def apply_chat_template(self, messages, tokenize=False):
+        out = ""
+        for m in messages:
+            out += f"[INST] {m['content']} [/INST]" if m["role"] == "user" else f" {m['content']} </s>"
+        return out
+
+
+def test_chat_uses_the_tokenizers_template_when_it_has_one(tmp_path):
+    from qlora.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(_TemplateTokenizer())
+    assert tok.pad_id == 2  # no pad token: padding uses EOS (always masked out of the loss)
+    path = _write(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    (example,) = load_examples(path, "chat", tok, max_seq_len=64, train_on_prompt=False,
+                               skip_bad_lines=False)
+    trained = "".join(chr(t - 3) for t in example.labels if t not in (IGNORE_INDEX, 2))
+    assert trained == " hello </s>"

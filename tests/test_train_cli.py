@@ -1,0 +1,39 @@
+"""`qlora train` with no config (the built-in run, shortened) and `qlora generate` on its result."""
+import json
+import os
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+
+def _qlora(args, cwd):
+    env = {**os.environ, "QLORA_BACKEND": "torch"}
+    return subprocess.run([sys.executable, "-m", "qlora", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_builtin_run_learns_saves_and_generates(tmp_path):
+    # the built-in run as shipped, only shorter (the full one is the README's first command)
+    run = _qlora(["train", "--set", "train.max_steps=40", "--set", "checkpoint.every=0"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    out_dir = tmp_path / "runs" / "tiny"
+    for line in ("answer before:", "answer after:", "expected answer:", "held-out loss",
+                 "adapter (PEFT format): runs/tiny/adapter"):
+        assert line in run.stdout, run.stdout
+    for field in ("loss=", "lr=", "tok/s=", "mem="):
+        assert field in run.stderr  # the progress bar
+    losses = [r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    config = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    weights = load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and w.abs().max() > 0 for k, w in weights.items())
+    assert (out_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    gen = _qlora(["generate", "--model", "builtin:tiny-llama", "--adapter", str(out_dir / "adapter"),
+                  "--prompt", "Uppercase: abc", "--max-new-tokens", "8"], tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.endswith("\n") and len(gen.stdout) <= 8 * 4 + 1
