@@ -45,3 +45,21 @@ def test_saved_activations_match_the_formula_exactly(tiny_profile):
     rows = {r["name"]: r for r in result["components"]}
     assert rows["activations"]["estimate"] == rows["activations"]["measured"]
     assert rows["logits and loss"]["estimate"] == rows["logits and loss"]["measured"]
+
+
+def test_profile_reads_a_qlora_train_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  max_seq_len: 64\ntrain:\n  micro_batch_size: 2\n  seed: 3\n"
+                      "lora:\n  r: 4\n  alpha: 8\n  target_modules: attention\n"
+                      "optim:\n  name: adamw\n  lr: 0.001\nmodel:\n  gradient_checkpointing: true\n")
+    settings = profile.settings_from_yaml(str(config))
+    assert settings.model.endswith("tiny-llama-bytes.json")  # the built-in model's architecture
+    assert (settings.seq_len, settings.batch_size, settings.rank, settings.alpha) == (64, 2, 4, 8.0)
+    assert settings.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (settings.optimizer, settings.lr, settings.grad_checkpointing, settings.seed) == ("adamw", 1e-3, True, 3)
+    config.write_text("lora:\n  rank: 4\n")
+    with pytest.raises(ValueError, match="lora.r"):  # validated as `qlora train` validates it
+        profile.settings_from_yaml(str(config))
+    config.write_text("optim:\n  name: bnb_paged_adamw\n")
+    with pytest.raises(ValueError, match="optim.name 'bnb_paged_adamw'"):
+        profile.settings_from_yaml(str(config))

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import tracemalloc
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -56,34 +56,32 @@ class ProfileSettings:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
 
-_YAML_KEYS = {"model": str, "seq_len": int, "batch_size": int, "rank": int, "alpha": float,
-              "targets": str, "optimizer": str, "lr": float, "grad_checkpointing": bool,
-              "seed": int}
-
-
 def settings_from_yaml(path: str) -> ProfileSettings:
-    """Read the keys ``_YAML_KEYS`` of a training YAML (top level, or ``lora:`` for rank, alpha and
-    targets); other keys belong to the trainer and are left alone."""
-    import yaml
+    """The profile of the run a ``qlora train`` YAML describes (validated as ``qlora train`` does):
+    its architecture with random weights, data.max_seq_len x train.micro_batch_size, the LoRA rank,
+    alpha and targets, the optimizer and lr, checkpointing and the seed."""
+    from importlib import resources
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    flat = {**data, **(data.get("lora") or {})}
-    settings = ProfileSettings()
-    for key, kind in _YAML_KEYS.items():
-        if key not in flat:
-            continue
-        value = flat[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueError(f"{path}: key {key!r} must be {kind.__name__}, got {value!r}")
-        if key == "targets":
-            value = est.parse_targets(value)
-        settings = replace(settings, **{key: value})
-    return settings
+    from qlora.train.config import BUILTIN_MODEL, load_config
+    from qlora.train.model import BUILTIN_CONFIG_FILE
+
+    cfg = load_config(path)
+    model = cfg.model.name_or_path
+    if model == BUILTIN_MODEL:
+        model = str(resources.files("qlora.train").joinpath(BUILTIN_CONFIG_FILE))
+    targets = cfg.lora.target_modules
+    if isinstance(targets, list):
+        targets = tuple(targets)
+    else:
+        presets = {"attention": est.ATTENTION_PROJECTIONS, "mlp": est.MLP_PROJECTIONS}
+        targets = presets.get(targets) or est.parse_targets(targets)
+    if cfg.optim.name not in est.OPTIMIZERS:
+        raise ValueError(f"{path}: optim.name {cfg.optim.name!r}: the profile runs one of "
+                         f"{', '.join(est.OPTIMIZERS)}")
+    return ProfileSettings(model=model, seq_len=cfg.data.max_seq_len, batch_size=cfg.train.micro_batch_size,
+                           rank=cfg.lora.r, alpha=cfg.lora.alpha, targets=targets, optimizer=cfg.optim.name,
+                           lr=cfg.optim.lr, grad_checkpointing=cfg.model.gradient_checkpointing,
+                           seed=cfg.train.seed)
 
 
 # ---- the model and the step --------------------------------------------------------------------
@@ -369,6 +367,9 @@ def run_profile(settings: ProfileSettings, steps: int = 3, out_dir: str = ".",
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the first step warms up), got {steps}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir!r} exists and is not a directory")
+    os.makedirs(out_dir, exist_ok=True)  # before the steps, so a bad --out fails at once
     config, source = est.load_config(settings.model)
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -442,7 +443,6 @@ def run_profile(settings: ProfileSettings, steps: int = 3, out_dir: str = ".",
     for row in rows:
         row["relative_error"] = report.relative_error(row["estimate"], row["measured"])
 
-    os.makedirs(out_dir, exist_ok=True)
     files = [os.path.join(out_dir, n) for n in
              ("memory_report.json", "memory_timeline.png", "memory_breakdown.png")]
     title = f"{settings.model} seq {settings.seq_len} x batch {settings.batch_size} on {device.type}"
