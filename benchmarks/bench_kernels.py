@@ -4,9 +4,9 @@ qlora.bench.kernels).
     python benchmarks/bench_kernels.py --shapes llama-2-7b --mode fwd,bwd,full --out benchmarks/results/DIR
     python benchmarks/bench_kernels.py --quick    # tiny shapes on CPU, under a minute
 """
-from qlora.bench.kernels import add_arguments, main, parse_args, run
+import sys
 
-__all__ = ["add_arguments", "main", "parse_args", "run"]
+from qlora.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["bench", "kernels", *sys.argv[1:]]))

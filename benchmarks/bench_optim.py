@@ -3,9 +3,9 @@
     python benchmarks/bench_optim.py            # full size, on CUDA when available
     python benchmarks/bench_optim.py --quick    # small CPU run, under 30 s
 """
-from qlora.bench.optim import add_arguments, main, parse_args, run
+import sys
 
-__all__ = ["add_arguments", "main", "parse_args", "run"]
+from qlora.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["bench", "optim", *sys.argv[1:]]))

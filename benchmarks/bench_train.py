@@ -4,9 +4,9 @@ train``; the code is qlora.bench.train).
     python benchmarks/bench_train.py --model llama-2-7b --seq-len 2048 --out benchmarks/results/DIR
     python benchmarks/bench_train.py --quick    # tiny-llama on CPU
 """
-from qlora.bench.train import add_arguments, main, parse_args, run
+import sys
 
-__all__ = ["add_arguments", "main", "parse_args", "run"]
+from qlora.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["bench", "train", *sys.argv[1:]]))

@@ -366,11 +366,6 @@ def plot(rows: list, out_dir: Path) -> list[Path]:
     return files
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
 
 def main_from_args(args) -> int:
     result = run(args)
@@ -378,6 +373,3 @@ def main_from_args(args) -> int:
     print("wrote " + ", ".join(str(f) for f in result["files"]))
     return 0
 
-
-def main(argv=None) -> int:
-    return main_from_args(parse_args(argv))

@@ -14,7 +14,6 @@ bench_optim.md. Step times are the 0.5 / 0.2 / 0.8 quantiles in milliseconds.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -22,11 +21,6 @@ import torch
 from qlora.bench import harness
 from qlora.optim import PagedAdamW
 
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def add_arguments(parser):
@@ -172,6 +166,3 @@ def main_from_args(args) -> int:
     print(f"wrote {Path(args.out) / 'bench_optim'}.json, .csv, .md")
     return 0
 
-
-def main(argv=None) -> int:
-    return main_from_args(parse_args(argv))

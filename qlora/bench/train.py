@@ -306,11 +306,6 @@ def markdown(rows: list, env: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
 
 def main_from_args(args) -> int:
     result = run(args)
@@ -318,6 +313,3 @@ def main_from_args(args) -> int:
     print("wrote " + ", ".join(str(f) for f in result["files"]))
     return 0
 
-
-def main(argv=None) -> int:
-    return main_from_args(parse_args(argv))
