@@ -93,9 +93,15 @@ def test_malformed_line_names_file_and_line(tmp_path, line, fmt, why):
     assert len(stats.bad_lines) == 1 and stats.bad_lines[0].startswith(f"{path}:4: ")
 
 
-def test_builtin_dataset_loads():
+def test_builtin_dataset_loads_and_is_what_make_tasks_writes():
+    from importlib import resources
+
+    from qlora.data.make_tasks import PER_KIND, make_records, render
+
     examples = _load("builtin:tasks", "alpaca", max_seq_len=64)
-    assert len(examples) == 640 and all(e.n_trained >= 2 for e in examples)
+    assert len(examples) == 3 * PER_KIND and all(e.n_trained >= 2 for e in examples)
+    shipped = resources.files("qlora.data").joinpath("tasks.jsonl").read_text(encoding="utf-8")
+    assert shipped == render(make_records())
 
 
 class _TemplateTokenizer:

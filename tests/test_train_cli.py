@@ -1,6 +1,7 @@
 """`qlora train` with no config (the built-in run, shortened) and `qlora generate` on its result."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,27 +9,36 @@ from safetensors.torch import load_file
 
 
 def _qlora(args, cwd):
-    env = {**os.environ, "QLORA_BACKEND": "torch"}
+    # one thread per child: under xdist every worker runs torch too, and oversubscribed cores
+    # made these runs several times slower
+    env = {**os.environ, "QLORA_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "qlora", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
 
 def test_builtin_run_learns_saves_and_generates(tmp_path):
     # the built-in run as shipped, only shorter (the full one is the README's first command)
-    run = _qlora(["train", "--set", "train.max_steps=40", "--set", "checkpoint.every=0"], tmp_path)
+    run = _qlora(["train", "--set", "train.max_steps=40", "--set", "checkpoint.every=0",
+                  "--set", "train.eval_every=20"], tmp_path)
     assert run.returncode == 0, run.stderr
     out_dir = tmp_path / "runs" / "tiny"
-    for line in ("answer before:", "answer after:", "expected answer:", "held-out loss",
+    for line in ("answer before:", "answer after:", "expected answer:",
+                 "held-out exact match before: 0/60 (0%)", "held-out exact match after:",
                  "adapter (PEFT format): runs/tiny/adapter"):
         assert line in run.stdout, run.stdout
+    # the periodic evaluation: loss, perplexity, exact match and the sample prompt's answer
+    assert re.search(r"step 20: held-out loss [\d.]+, perplexity [\d.]+, exact match \d+/60 "
+                     r"\(\d+%\), sample answer '", run.stdout), run.stdout
     for field in ("loss=", "lr=", "tok/s=", "mem="):
         assert field in run.stderr  # the progress bar
-    losses = [r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in records if "eval_exact_match" in r] == [20, 40]
+    assert "sample" in next(r for r in records if r.get("step") == 20 and "eval_loss" in r)
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
     config = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 16
+    assert config["peft_type"] == "LORA" and config["r"] == 64
     weights = load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and w.abs().max() > 0 for k, w in weights.items())
     assert (out_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -19,7 +19,9 @@ out, micro_batch = sys.argv[1], sys.argv[2]
 cfg = resolve_config(None, [f"train.output_dir={out}", f"train.micro_batch_size={micro_batch}",
                             "train.gradient_accumulation_steps=2", "train.max_steps=3",
                             "lora.dropout=0", "data.max_seq_len=48", "logging.progress_bar=false",
-                            "logging.sample_max_new_tokens=1"])
+                            "logging.sample_max_new_tokens=1", "logging.exact_match_examples=0",
+                            # the setting the tolerance below was worked out for
+                            "lora.r=16", "lora.alpha=16", "optim.lr=2e-3"])
 trainer = Trainer(cfg)
 trainer.run()
 rank = trainer.acc.process_index
@@ -54,6 +56,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         # Same tokens and normalization; only the fp32 summation order differs (gloo's
         # all-reduce, per-process matmuls), ~1e-7 relative in the gradients. Adam divides by
         # sqrt(v), so where a gradient is itself near rounding level its update (up to lr =
-        # 2e-3 per step) can move by more: atol 1e-5 is still 600x below the 3 steps' total
-        # movement (6e-3), which a wrong loss normalization or a missing sync would change.
-        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5)
+        # 2e-3 per step) can differ by more, in either direction: such isolated entries may be
+        # off by up to the 3 steps' total movement (6e-3), but no more than 0.1% of a tensor;
+        # every other entry agrees to 1e-5. A wrong loss normalization or a missing sync would
+        # move most entries.
+        close = torch.isclose(rank0[key], single[key], rtol=1e-4, atol=1e-5)
+        assert (~close).float().mean() <= 1e-3, key
+        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=3 * 2e-3)

@@ -1,8 +1,8 @@
 """Training data: tokenizers, record formats, packing and batching.
 
-``tasks.jsonl`` is the shipped dataset of the built-in run: 640 alpaca records, 160 each of
-reversing, uppercasing and sorting the letters of a random 3-6 letter word, and adding two
-numbers below 50 — tasks a byte-level model a few MB in size picks up in minutes.
+``tasks.jsonl`` is the shipped dataset of the built-in run: 1200 alpaca records, 400 each of
+uppercasing and reversing a random 3-letter word and adding two digits, written by
+``python -m qlora.data.make_tasks`` (see there for why these tasks).
 """
 from qlora.data.batching import BatchStream, Sequence, collate, pack, single
 from qlora.data.formats import IGNORE_INDEX, Example, ReadStats, alpaca_prompt, load_examples

@@ -8,6 +8,8 @@ A checkpoint is the directory ``<output_dir>/checkpoints/step-<N>/`` holding
     rng-rank<R>.pt         python, numpy, torch and CUDA RNG states of each process
     trainer_state.json     step, data position, tokens seen, non-finite steps in a row
     config.yaml            the run's resolved config
+    adalora_*              with lora.type adalora: the unpruned adapter and the rank allocator
+                           (see qlora.train.adalora)
 
 It is written into a hidden temporary directory next to it, every file fsynced, then renamed
 into place, so a crash leaves either the whole checkpoint or none of it. Only ``step-<N>``
@@ -38,7 +40,7 @@ _TMP_PREFIX = ".tmp-"
 RESUMABLE_CHANGES = {"train.output_dir", "train.eval_every", "train.max_bad_steps",
                      "checkpoint.every", "checkpoint.keep", "logging.progress_bar",
                      "logging.every", "logging.loss_plot", "logging.sample_prompt",
-                     "logging.sample_max_new_tokens"}
+                     "logging.sample_max_new_tokens", "logging.exact_match_examples"}
 
 
 @dataclass

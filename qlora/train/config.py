@@ -38,16 +38,32 @@ class ModelConfig:
     gradient_checkpointing: bool = _spec(False, help="recompute each decoder layer in backward")
     offload_activations: bool = _spec(False, help="with checkpointing: keep layer inputs in "
                                       "pinned host memory (CUDA)")
+    fused_kernels: bool = _spec(False, help="swap the fused Triton RMSNorm, SwiGLU and RoPE kernels "
+                                "into Llama/Mistral/Qwen2 modules (triton or cuda backend)")
 
 
 @dataclass
 class LoraConfig:
+    type: str = _spec("lora", choices=["lora", "dora", "adalora"],
+                      help="dora: weight-decomposed LoRA; adalora: ranks from init_r pruned to "
+                           "target_r per layer on average (the keys below)")
     r: int = _spec(16, min=1)
     alpha: float = _spec(16.0, min=0, min_exclusive=True, help="scaling = alpha / r")
     dropout: float = _spec(0.05, min=0.0, max=0.999)
     target_modules: Union[str, list] = _spec("all-linear", help="'all-linear', 'attention', "
                                              "'mlp', or a list of module names")
     use_rslora: bool = _spec(False, help="scaling = alpha / sqrt(r)")
+    modules_to_save: Optional[list] = _spec(None, help="modules trained in full next to the "
+                                            "adapters (PEFT's modules_to_save), e.g. [lm_head]")
+    init_r: int = _spec(12, min=1, help="adalora: initial rank of every layer")
+    target_r: int = _spec(8, min=0, help="adalora: final average rank per layer")
+    tinit: int = _spec(0, min=0, help="adalora: warm-up steps before ranks are pruned")
+    tfinal: int = _spec(0, min=0, help="adalora: final steps at the fixed final ranks")
+    deltaT: int = _spec(1, min=1, help="adalora: steps between rank reallocations")
+    beta1: float = _spec(0.85, min=0, min_exclusive=True, max=0.999999, help="adalora: importance smoothing")
+    beta2: float = _spec(0.85, min=0, min_exclusive=True, max=0.999999, help="adalora: uncertainty smoothing")
+    orth_reg_weight: float = _spec(0.5, min=0.0, help="adalora: weight of the orthogonality "
+                                   "penalty on the singular vectors")
 
 
 @dataclass
@@ -112,6 +128,8 @@ class LoggingConfig:
     sample_prompt: Optional[str] = _spec(None, help="answered before and after training; "
                                          "None: the first held-out example's prompt")
     sample_max_new_tokens: int = _spec(48, min=1)
+    exact_match_examples: int = _spec(100, min=0, help="held-out examples answered greedily at "
+                                      "each evaluation and scored for an exact answer; 0: none")
 
 
 @dataclass

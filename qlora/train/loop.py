@@ -29,6 +29,7 @@ from qlora.data.batching import BatchStream, collate, single
 from qlora.data.formats import IGNORE_INDEX
 from qlora.losses import chunked_cross_entropy
 from qlora.train import checkpoint as ckpt
+from qlora.train.adalora import AdaLoRATraining
 from qlora.train.config import Config, dump_config
 from qlora.train.dataset import build_data, prompt_and_answer
 from qlora.train.metrics import MetricsLog, memory_used, plot_loss
@@ -38,6 +39,21 @@ from qlora.train.optimizer import build_optimizer, build_scheduler
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _output_head(model) -> nn.Module:
+    """The output layer in use: with ``lm_head`` in ``lora.modules_to_save``, the active adapter's
+    trainable copy (what the wrapper's forward would run)."""
+    from qlora.nn.modules_to_save import ModulesToSaveWrapper
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, ModulesToSaveWrapper):
+        return head
+    if not head.disable_adapters:
+        for name in head.active_adapters:
+            if name in head.modules_to_save:
+                return head.modules_to_save[name]
+    return head.original_module
 
 
 class LossModule(nn.Module):
@@ -51,7 +67,7 @@ class LossModule(nn.Module):
     def forward(self, input_ids, labels, num_items, attention_mask=None, position_ids=None):
         out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids, use_cache=False)
-        head = self.model.get_output_embeddings().weight
+        head = _output_head(self.model).weight
         hidden = out.last_hidden_state.to(head.dtype)
         if get_backend(hidden.device) in ("triton", "cuda"):
             return chunked_cross_entropy(hidden, head, labels, num_items_in_batch=num_items)
@@ -71,12 +87,26 @@ class TrainResult:
     eval_loss: Optional[float] = None
     sample_before: Optional[str] = None
     sample_after: Optional[str] = None
+    exact_match_before: Optional[float] = None  # fraction of the scored held-out examples
+    exact_match_after: Optional[float] = None
 
 
 def _mixed_precision(cfg: Config) -> str:
     if torch.cuda.is_available() and cfg.quant.compute_dtype == "bfloat16":
         return "bf16"
     return "no"
+
+
+def _adapter_summary(cfg: Config) -> str:
+    lora = cfg.lora
+    if lora.type == "adalora":
+        return (f"AdaLoRA init_r={lora.init_r} -> target_r={lora.target_r} alpha={lora.alpha:g} "
+                f"(scaling alpha/init_r {lora.alpha / lora.init_r:g})")
+    text = f"{'DoRA' if lora.type == 'dora' else 'LoRA'} r={lora.r} alpha={lora.alpha:g} " \
+           f"(scaling {lora.alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r):g})"
+    if lora.modules_to_save:
+        text += f", trained in full: {', '.join(lora.modules_to_save)}"
+    return text
 
 
 def _batch_to(batch: dict, device) -> dict:
@@ -114,6 +144,18 @@ def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> st
     return tokenizer.decode(ids[0, len(prompt_ids):].tolist())
 
 
+@torch.no_grad()
+def exact_match(model, tokenizer, examples) -> int:
+    """How many of ``examples`` the model answers exactly: greedy decoding from the prompt
+    gives the trained answer and then stops (at EOS, or the answer's length plus one token, so
+    an answer that runs on counts as wrong)."""
+    hits = 0
+    for example in examples:
+        prompt, answer = prompt_and_answer(example)
+        hits += generate(model, tokenizer, prompt, len(answer) + 1) == tokenizer.decode(answer)
+    return hits
+
+
 def _sample_prompt(cfg: Config, tokenizer, held_out) -> tuple[list[int], Optional[str]]:
     """(prompt ids, expected answer or None) for the before/after sample."""
     from qlora.data.formats import alpaca_prompt
@@ -132,13 +174,12 @@ def _sample_prompt(cfg: Config, tokenizer, held_out) -> tuple[list[int], Optiona
     return bos + tokenizer.encode(text), None
 
 
-def _publish_adapter(model, target: Path) -> None:
-    """Write the final adapter to ``target`` without ever leaving it half-written."""
-    from qlora import save_adapter
-
+def _publish_adapter(save_fn, target: Path) -> None:
+    """Write the final adapter to ``target`` with ``save_fn(dir)`` without ever leaving it
+    half-written."""
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, str(tmp))
+    save_fn(tmp)
     ckpt.fsync_tree(tmp)
     if target.exists():
         old = target.with_name(f".old-{target.name}")
@@ -148,6 +189,20 @@ def _publish_adapter(model, target: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, target)
+
+
+def _patch_fused_kernels(model, device) -> dict:
+    """model.fused_kernels: the fused element-wise kernels of qlora.patch, which are Triton-only."""
+    from qlora.patch import patch_model
+
+    backend = get_backend(device)
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"model.fused_kernels: true needs the triton or cuda backend; this run uses "
+                         f"{backend!r} (QLORA_BACKEND, or no CUDA device)")
+    try:
+        return patch_model(model)
+    except ValueError as err:
+        raise ValueError(f"model.fused_kernels: {err}") from None
 
 
 class Trainer:
@@ -163,8 +218,14 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         set_seed(cfg.train.seed)
         self.resumed_from = self._find_checkpoint(resume) if resume else None
-        self.model, self.tokenizer = build_model(
-            cfg, self.acc.device, None if self.resumed_from is None else self.resumed_from / "adapter")
+        # an AdaLoRA run resumes from its unpruned weights (see qlora.train.adalora), not the
+        # PEFT adapter
+        adapter_dir = None if self.resumed_from is None or cfg.lora.type == "adalora" \
+            else self.resumed_from / "adapter"
+        self.model, self.tokenizer = build_model(cfg, self.acc.device, adapter_dir)
+        self.adalora = AdaLoRATraining(self.model, cfg) if cfg.lora.type == "adalora" else None
+        if cfg.model.fused_kernels:
+            self.patched = _patch_fused_kernels(self.model, self.acc.device)
         if cfg.model.gradient_checkpointing:
             from qlora.offload import enable_checkpointing
 
@@ -209,6 +270,17 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt.read_torch(path / "scheduler.pt"))
         self.state = ckpt.read_trainer_state(path)
         ckpt.set_rng_state(ckpt.read_torch(path / f"rng-rank{self.acc.process_index}.pt"))
+        if self.adalora is not None:
+            self.adalora.restore(path)
+
+    def save_adapter(self, path: Path) -> None:
+        """The adapter in PEFT's format (AdaLoRA: with its rank pattern, masked triplets left out)."""
+        if self.adalora is not None:
+            self.adalora.save_adapter(path)
+        else:
+            from qlora import save_adapter
+
+            save_adapter(self.model, str(path))
 
     def save_checkpoint(self) -> None:
         step = self.state.step
@@ -222,11 +294,11 @@ class Trainer:
         ckpt.write_rng(tmp, self.acc.process_index)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            from qlora import save_adapter
-
             ckpt.write_checkpoint_files(tmp, cfg=self.cfg, state=self.state,
                                         optimizer=self.optimizer, scheduler=self.scheduler,
-                                        save_adapter_fn=lambda d: save_adapter(self.model, str(d)))
+                                        save_adapter_fn=self.save_adapter)
+            if self.adalora is not None:
+                self.adalora.write_state(tmp)
             ckpt.publish(tmp, step, self.cfg.checkpoint.keep)
         self.acc.wait_for_everyone()
 
@@ -260,7 +332,10 @@ class Trainer:
                 loss = self.loss_module(batch["input_ids"], batch["labels"], n_trained,
                                         attention_mask=batch.get("attention_mask"),
                                         position_ids=batch.get("position_ids"))
-                self.acc.backward(loss * self.world)
+                total = loss
+                if self.adalora is not None:  # the penalty once per optimizer step
+                    total = loss + self.adalora.regularization() / len(batches)
+                self.acc.backward(total * self.world)
             loss_sum += float(loss.detach())
         loss_value = self._all_sum(loss_sum)
         max_norm = self.cfg.train.max_grad_norm or math.inf
@@ -270,6 +345,8 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.scheduler.step()
+            if self.adalora is not None:
+                self.adalora.after_step(self.state.step)
             self.state.bad_steps_in_a_row = 0
         else:
             self.state.bad_steps_in_a_row += 1
@@ -286,8 +363,7 @@ class Trainer:
 
         cfg, acc = self.cfg, self.acc
         n_params = sum(p.numel() for p in self.params)
-        self.log(f"model: {cfg.model.name_or_path}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} "
-                 f"(scaling {cfg.lora.alpha / (math.sqrt(cfg.lora.r) if cfg.lora.use_rslora else cfg.lora.r):g}), "
+        self.log(f"model: {cfg.model.name_or_path}, {_adapter_summary(cfg)}, "
                  f"{n_params:,} trainable parameters; device {acc.device}, {self.world} process(es), "
                  f"{'NF4 base' if cfg.quant.enabled else 'dense base'}")
         self.log(self.data.summary())
@@ -300,13 +376,16 @@ class Trainer:
             if acc.is_main_process else None
         result = TrainResult(self.output_dir, self.output_dir / "adapter", self.state.step)
         prompt_ids, expected = _sample_prompt(cfg, self.tokenizer, self.data.eval)
+        self.sample_prompt_ids = prompt_ids
         if prompt_ids and self.resumed_from is None:
-            result.sample_before = generate(self.model, self.tokenizer, prompt_ids,
-                                            cfg.logging.sample_max_new_tokens)
+            result.sample_before = self._sample()
             self.log(f"prompt:          {self.tokenizer.decode(prompt_ids)!r}")
             if expected is not None:
                 self.log(f"expected answer: {expected!r}")
             self.log(f"answer before:   {result.sample_before!r}")
+        if self._scored_examples() and self.resumed_from is None:
+            result.exact_match_before = self._exact_match()
+            self.log(f"held-out exact match before: {self._format_match(result.exact_match_before)}")
 
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="train",
                    disable=not (acc.is_main_process and cfg.logging.progress_bar),
@@ -342,15 +421,21 @@ class Trainer:
         bar.close()
 
         result.steps = self.state.step
+        if self.adalora is not None:
+            self.adalora.fix_final_ranks()  # evaluated and sampled with the final ranks
         if self.data.eval:
-            result.eval_loss = self._eval(metrics, self.state.step)
+            result.eval_loss, result.exact_match_after = self._eval(metrics, self.state.step,
+                                                                    sample=False)
         self.save_checkpoint()
+        if self.adalora is not None:
+            self.adalora.prune(self.output_dir, self.log, acc.is_main_process)
         if prompt_ids:
-            result.sample_after = generate(self.model, self.tokenizer, prompt_ids,
-                                           cfg.logging.sample_max_new_tokens)
+            result.sample_after = self._sample()
             self.log(f"answer after:    {result.sample_after!r}")
+        if result.exact_match_after is not None:
+            self.log(f"held-out exact match after: {self._format_match(result.exact_match_after)}")
         if acc.is_main_process:
-            _publish_adapter(self.model, result.adapter_dir)
+            _publish_adapter(self.save_adapter, result.adapter_dir)
             self.log(f"adapter (PEFT format): {result.adapter_dir}")
             if cfg.logging.loss_plot:
                 plot_loss(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
@@ -358,15 +443,44 @@ class Trainer:
         acc.wait_for_everyone()
         return result
 
-    def _eval(self, metrics, step: int) -> float:
+    # ---- evaluation ----------------------------------------------------------------------
+    def _sample(self) -> str:
+        with self.acc.autocast():
+            return generate(self.model, self.tokenizer, self.sample_prompt_ids,
+                            self.cfg.logging.sample_max_new_tokens)
+
+    def _scored_examples(self) -> list:
+        return self.data.eval[:self.cfg.logging.exact_match_examples]
+
+    def _exact_match(self) -> float:
+        scored = self._scored_examples()
+        with self.acc.autocast():
+            return exact_match(self.model, self.tokenizer, scored) / len(scored)
+
+    def _format_match(self, fraction: float) -> str:
+        n = len(self._scored_examples())
+        return f"{round(fraction * n)}/{n} ({100 * fraction:.0f}%)"
+
+    def _eval(self, metrics, step: int, sample: bool = True) -> tuple[float, Optional[float]]:
+        """Held-out loss and perplexity, exact match on the first ``logging.exact_match_examples``
+        held-out examples, and (``sample``) the sample prompt's answer: logged and written to
+        the metrics. Returns (loss, exact-match fraction or None)."""
         with self.acc.autocast():
             loss = evaluate(self.model, self.data.eval, self.cfg.train.micro_batch_size,
                             self.tokenizer.pad_id, self.acc.device)
         ppl = math.exp(min(loss, 50.0))
-        self.log(f"step {step}: held-out loss {loss:.4f}, perplexity {ppl:.2f}")
+        record = dict(step=step, eval_loss=loss, eval_ppl=ppl)
+        text = f"step {step}: held-out loss {loss:.4f}, perplexity {ppl:.2f}"
+        if self._scored_examples():
+            record["eval_exact_match"] = self._exact_match()
+            text += f", exact match {self._format_match(record['eval_exact_match'])}"
+        if sample and self.sample_prompt_ids:
+            record["sample"] = self._sample()
+            text += f", sample answer {record['sample']!r}"
+        self.log(text)
         if metrics is not None:
-            metrics.write(dict(step=step, eval_loss=loss, eval_ppl=ppl))
-        return loss
+            metrics.write(record)
+        return loss, record.get("eval_exact_match")
 
 
 def train(cfg: Config, resume: Optional[str] = None, out=None) -> TrainResult:

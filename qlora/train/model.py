@@ -66,20 +66,41 @@ def base_model(cfg: Config, device: torch.device):
     return model
 
 
+def add_adapters(model, cfg: Config) -> None:
+    """The new adapter ``cfg.lora`` describes: LoRA, DoRA (``add_lora(use_dora=True)``) or
+    AdaLoRA at rank ``init_r`` (``add_adalora``; its ranks are pruned by the loop's allocator)."""
+    from qlora import add_adalora, add_lora
+
+    lora = cfg.lora
+    if lora.type == "adalora":
+        if lora.modules_to_save:
+            raise ValueError("lora.modules_to_save: not supported with lora.type: adalora")
+        if lora.target_r > lora.init_r:
+            raise ValueError(f"lora.target_r: must be <= lora.init_r ({lora.init_r}) for "
+                             f"adalora, got {lora.target_r}")
+        if lora.tinit >= cfg.train.max_steps - lora.tfinal:
+            raise ValueError(f"lora.tinit ({lora.tinit}) + lora.tfinal ({lora.tfinal}) leave no "
+                             f"steps of train.max_steps ({cfg.train.max_steps}) to prune ranks in")
+        add_adalora(model, init_r=lora.init_r, alpha=lora.alpha, dropout=lora.dropout,
+                    target_modules=lora.target_modules)
+    else:
+        add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                 target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                 use_dora=lora.type == "dora", modules_to_save=lora.modules_to_save)
+
+
 def build_model(cfg: Config, device: torch.device, adapter_dir=None):
-    """(model with trainable LoRA adapters, tokenizer). The adapter is new (``add_lora``), or the
-    PEFT-format one in ``adapter_dir`` (``load_adapter``, to resume a run)."""
-    from qlora import add_lora, load_adapter
+    """(model with trainable adapters, tokenizer). The adapter is new (:func:`add_adapters`),
+    or the PEFT-format LoRA/DoRA one in ``adapter_dir`` (``load_adapter``, to resume a run)."""
+    from qlora import load_adapter
 
     model = base_model(cfg, device)
-    lora = cfg.lora
     if adapter_dir is not None:
         load_adapter(model, adapter_dir, trainable=True)
     else:
         # A fixed seed for the adapter init, so a repeated run starts from the same A matrices.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
-            add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                     target_modules=lora.target_modules, use_rslora=lora.use_rslora)
+            add_adapters(model, cfg)
     model.to(device)
     return model, load_tokenizer(cfg.model.name_or_path)
