@@ -70,6 +70,16 @@ def test_cli_print_config_and_error(capsys):
     assert "did you mean 'lora.alpha'?" in capsys.readouterr().err
 
 
+def test_cli_set_takes_several_assignments(capsys):
+    assert main(["train", "--print-config", "--set", "lora.r=4", "optim.lr=1e-3",
+                 "--set", "train.max_steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["lora"]["r"], printed["optim"]["lr"], printed["train"]["max_steps"]) == (4, 1e-3, 7)
+    # a config file after --set would be read as an assignment: say so
+    assert main(["train", "--print-config", "--set", "lora.r=4", "run.yaml"]) == 2
+    assert "the config file goes before --set" in capsys.readouterr().err
+
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

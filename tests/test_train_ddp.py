@@ -1,5 +1,5 @@
-"""Two CPU processes (DDP over gloo, launched like `accelerate launch`/torchrun do) end with
-identical adapters, equal to one process training on the same global batch."""
+"""Two CPU processes started by `accelerate launch --multi_gpu --num_processes 2` (DDP over gloo)
+end with identical adapters, equal to one process training on the same global batch."""
 import os
 import socket
 import subprocess
@@ -38,12 +38,18 @@ def _free_port() -> int:
 def test_two_process_ddp_matches_one_process(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "QLORA_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    # HF_HOME: no accelerate config file of the user's may change the launch
+    env = {**os.environ, "QLORA_BACKEND": "torch", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", str(script), str(tmp_path / "two"), "2"],
+    # --multi_gpu selects torch's elastic launcher, which starts the processes on CPU as well;
+    # accelerate's --cpu would start one process unless mpirun is set up
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+              "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+              f"--main_process_port={_free_port()}"]
+    two = subprocess.run([*launch, str(script), str(tmp_path / "two"), "2"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout

@@ -14,8 +14,10 @@ def register(subparsers) -> None:
     parser.add_argument("config", nargs="?", default=None,
                         help="YAML config (sections model, lora, quant, data, train, optim, "
                              "checkpoint, logging); default: the built-in run")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE",
+                        help="override keys, e.g. --set optim.lr=1e-4 train.max_steps=50 "
+                             "(repeatable)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",

@@ -125,6 +125,9 @@ class LoggingConfig:
     progress_bar: bool = _spec(True)
     every: int = _spec(1, min=1, help="steps between metrics lines")
     loss_plot: bool = _spec(True, help="write loss.png at the end")
+    tensorboard: bool = _spec(False, help="also log the metrics to TensorBoard event files under "
+                              "train.output_dir/tensorboard, through accelerate's tracker (needs "
+                              "the tensorboard package: pip install 'qlora[tensorboard]')")
     sample_prompt: Optional[str] = _spec(None, help="answered before and after training; "
                                          "None: the first held-out example's prompt")
     sample_max_new_tokens: int = _spec(48, min=1)
@@ -246,7 +249,9 @@ def apply_override(cfg: Config, assignment: str) -> Config:
     """Apply one ``section.key=value`` (the value parsed as YAML: 8, 1e-4, true, null, [a, b])."""
     name, sep, text = assignment.partition("=")
     if not sep or "." not in name:
-        raise ValueError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=1e-4")
+        hint = " (the config file goes before --set)" if name.endswith((".yaml", ".yml")) else ""
+        raise ValueError(f"--set {assignment!r}: expected section.key=value, e.g. "
+                         f"optim.lr=1e-4{hint}")
     section, _, key = name.strip().partition(".")
     try:
         value = yaml.safe_load(text) if text.strip() else ""

@@ -30,9 +30,10 @@ from qlora.data.formats import IGNORE_INDEX
 from qlora.losses import chunked_cross_entropy
 from qlora.train import checkpoint as ckpt
 from qlora.train.adalora import AdaLoRATraining
-from qlora.train.config import Config, dump_config
+from qlora.train.config import Config, config_to_dict, dump_config
 from qlora.train.dataset import build_data, prompt_and_answer
-from qlora.train.metrics import MetricsLog, memory_used, plot_loss
+from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, plot_loss, \
+    tensorboard_values
 from qlora.train.model import build_model
 from qlora.train.optimizer import build_optimizer, build_scheduler
 
@@ -205,6 +206,17 @@ def _patch_fused_kernels(model, device) -> dict:
         raise ValueError(f"model.fused_kernels: {err}") from None
 
 
+def _trackers(cfg: Config) -> Optional[str]:
+    if not cfg.logging.tensorboard:
+        return None
+    from accelerate.utils import is_tensorboard_available
+
+    if not is_tensorboard_available():
+        raise ValueError("logging.tensorboard: true needs the tensorboard package: "
+                         "pip install 'qlora[tensorboard]'")
+    return "tensorboard"
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, out=None):
         from accelerate import Accelerator
@@ -212,10 +224,11 @@ class Trainer:
 
         self.cfg = cfg
         self.out = out or sys.stdout
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(),
-                               mixed_precision=_mixed_precision(cfg))
-        self.world = self.acc.num_processes
         self.output_dir = Path(cfg.train.output_dir)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(),
+                               mixed_precision=_mixed_precision(cfg),
+                               log_with=_trackers(cfg), project_dir=str(self.output_dir))
+        self.world = self.acc.num_processes
         set_seed(cfg.train.seed)
         self.resumed_from = self._find_checkpoint(resume) if resume else None
         # an AdaLoRA run resumes from its unpruned weights (see qlora.train.adalora), not the
@@ -245,6 +258,13 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # ---- output --------------------------------------------------------------------------
+    def record(self, metrics: Optional[MetricsLog], record: dict) -> None:
+        """One metrics record: to the JSONL on the main process, and to the trackers."""
+        if metrics is not None:
+            metrics.write(record)
+        if self.cfg.logging.tensorboard:
+            self.acc.log(tensorboard_values(record), step=record["step"])
+
     def log(self, text: str) -> None:
         if self.acc.is_main_process:
             from tqdm import tqdm
@@ -359,8 +379,6 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from tqdm import tqdm
-
         cfg, acc = self.cfg, self.acc
         n_params = sum(p.numel() for p in self.params)
         self.log(f"model: {cfg.model.name_or_path}, {_adapter_summary(cfg)}, "
@@ -374,6 +392,22 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.step) \
             if acc.is_main_process else None
+        if cfg.logging.tensorboard:
+            # a resumed run hides what the interrupted one logged after its checkpoint, as the
+            # JSONL drops those lines
+            acc.init_trackers("tensorboard", config=hyperparameters(config_to_dict(cfg)),
+                              init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}}
+                              if self.resumed_from is not None else {})
+        try:
+            return self._run(metrics)
+        finally:
+            for tracker in acc.trackers:
+                tracker.finish()
+
+    def _run(self, metrics: Optional[MetricsLog]) -> TrainResult:
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.acc
         result = TrainResult(self.output_dir, self.output_dir / "adapter", self.state.step)
         prompt_ids, expected = _sample_prompt(cfg, self.tokenizer, self.data.eval)
         self.sample_prompt_ids = prompt_ids
@@ -411,8 +445,8 @@ class Trainer:
                                 f"tok/s={record['tokens_per_s']:.0f} mem={record['memory']}")
             bar.update(1)
             step = self.state.step
-            if metrics is not None and (step % cfg.logging.every == 0 or step == cfg.train.max_steps):
-                metrics.write(record)
+            if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
+                self.record(metrics, record)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps \
                     and self.data.eval:
                 self._eval(metrics, step)
@@ -478,8 +512,7 @@ class Trainer:
             record["sample"] = self._sample()
             text += f", sample answer {record['sample']!r}"
         self.log(text)
-        if metrics is not None:
-            metrics.write(record)
+        self.record(metrics, record)
         return loss, record.get("eval_exact_match")
 
 

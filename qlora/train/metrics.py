@@ -1,4 +1,5 @@
-"""Run metrics: the JSONL log, the memory reading of the progress bar, the loss plot."""
+"""Run metrics: the JSONL log, its TensorBoard view, the memory reading of the progress bar, the
+loss plot."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,26 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def tensorboard_values(record: dict) -> dict:
+    """A metrics record as TensorBoard tags: numbers as scalars, the sample answer as text;
+    held-out values under ``eval/``, the rest under ``train/``."""
+    values = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) or key == "sample":
+            tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else \
+                ("eval/sample" if key == "sample" else f"train/{key}")
+            values[tag] = value
+    return values
+
+
+def hyperparameters(config: dict) -> dict:
+    """The config as TensorBoard's flat hyperparameters: ``section.key`` -> a scalar or its text."""
+    return {f"{section}.{key}": value if isinstance(value, (bool, int, float, str)) else str(value)
+            for section, keys in config.items() for key, value in keys.items()}
 
 
 def read_metrics(path: Path) -> list[dict]:
