@@ -65,3 +65,35 @@ def _assert_close_as_torch(ours, theirs, exact, name):
 @pytest.fixture
 def assert_close_as_torch():
     return _assert_close_as_torch
+
+
+# Chat templates as Hugging Face tokenizers ship them: ChatML (Qwen and others) adds the assistant
+# header as its generation prompt; the Llama-2 one renders BOS and EOS itself.
+CHAT_TEMPLATES = {
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "llama-2": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}"
+                "{% endfor %}"),
+}
+
+
+def _byte_bpe_tokenizer(chat_template: str):
+    """A real Hugging Face fast tokenizer, built offline: byte-level BPE with no merges (one token
+    per byte), BOS/EOS and the ChatML markers as special tokens, and the chat template named
+    ``chat_template`` (a key of CHAT_TEMPLATES)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   chat_template=CHAT_TEMPLATES[chat_template])
+
+
+@pytest.fixture
+def byte_bpe_tokenizer():
+    return _byte_bpe_tokenizer

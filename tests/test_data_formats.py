@@ -104,33 +104,27 @@ def test_builtin_dataset_loads_and_is_what_make_tasks_writes():
     assert shipped == render(make_records())
 
 
-class _TemplateTokenizer:
-    """The part of a Hugging Face tokenizer HFTokenizer uses, with a Llama-2-like template."""
-
-    chat_template = "llama-2-like"
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) + 3 for c in text]}
-
-    def __len__(self):
-        return 259
-
-    def apply_chat_template(self, messages, tokenize=False):
-        out = ""
-        for m in messages:
-            out += f"[INST] {m['content']} [/INST]" if m["role"] == "user" else f" {m['content']} </s>"
-        return out
-
-
-def test_chat_uses_the_tokenizers_template_when_it_has_one(tmp_path):
+@pytest.mark.parametrize("template, prompt_text, trained_text", [
+    # ChatML: the assistant header is the generation prompt, so it is prompt, not response
+    ("chatml", "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+     "hello<|im_end|>\n</s>"),
+    # Llama-2: the template renders BOS and EOS itself; neither is doubled
+    ("llama-2", "<s>[INST] hi [/INST]", " hello </s>"),
+])
+def test_chat_uses_the_tokenizers_template(tmp_path, byte_bpe_tokenizer, template, prompt_text,
+                                           trained_text):
     from qlora.data.tokenizer import HFTokenizer
 
-    tok = HFTokenizer(_TemplateTokenizer())
-    assert tok.pad_id == 2  # no pad token: padding uses EOS (always masked out of the loss)
+    hf = byte_bpe_tokenizer(template)
+    tok = HFTokenizer(hf)
+    assert tok.pad_id == hf.eos_token_id  # no pad token: padding uses EOS (masked out of the loss)
     path = _write(tmp_path / "c.jsonl", [{"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
     (example,) = load_examples(path, "chat", tok, max_seq_len=64, train_on_prompt=False,
                                skip_bad_lines=False)
-    trained = "".join(chr(t - 3) for t in example.labels if t not in (IGNORE_INDEX, 2))
-    assert trained == " hello </s>"
+    tokens = example.input_ids + example.labels[-1:]
+    n_prompt = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX) + 1
+    assert hf.decode(tokens[:n_prompt]) == prompt_text
+    assert hf.decode(tokens[n_prompt:]) == trained_text
+    assert all(t != IGNORE_INDEX for t in example.labels[n_prompt - 1:])
+    assert tokens.count(hf.bos_token_id) == 1 and tokens.count(hf.eos_token_id) == 1

@@ -8,8 +8,12 @@ def register(subparsers) -> None:
                         help="Hugging Face checkpoint directory, or builtin:tiny-llama")
     parser.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory")
     parser.add_argument("--prompt", required=True,
-                        help="the instruction, wrapped in the alpaca template unless --raw")
-    parser.add_argument("--raw", action="store_true", help="send the prompt text as it is")
+                        help="the instruction, wrapped in the alpaca template unless --chat or --raw")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user turn in the tokenizer's chat template "
+                               "(the built-in one if it has none), as data.format: chat trains")
+    template.add_argument("--raw", action="store_true", help="send the prompt text as it is")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-quant", action="store_true",
                         help="keep the base weights dense instead of NF4 (use the setting of training)")
@@ -19,7 +23,7 @@ def register(subparsers) -> None:
 def run_generate(args) -> int:
     import torch
 
-    from qlora.data.formats import alpaca_prompt
+    from qlora.data.formats import prompt_ids
     from qlora.train.config import Config
     from qlora.train.loop import generate
     from qlora.train.model import base_model, load_tokenizer
@@ -37,7 +41,6 @@ def run_generate(args) -> int:
         load_adapter(model, args.adapter)
         model.to(device)
     tokenizer = load_tokenizer(args.model)
-    text = args.prompt if args.raw else alpaca_prompt(args.prompt)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    print(generate(model, tokenizer, bos + tokenizer.encode(text), args.max_new_tokens))
+    fmt = "chat" if args.chat else "completion" if args.raw else "alpaca"
+    print(generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, fmt), args.max_new_tokens))
     return 0

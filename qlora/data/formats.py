@@ -95,17 +95,35 @@ def record_parts(record, fmt: str, tokenizer) -> list[tuple[str, bool]]:
     raise ValueError(f"unknown data format {fmt!r}; expected alpaca, chat or completion")
 
 
+def prompt_ids(tokenizer, text: str, fmt: str) -> list[int]:
+    """Token ids that ask for an answer to ``text`` as a model trained on ``fmt`` data expects:
+    ``alpaca`` wraps it in the alpaca prompt, ``chat`` renders it as a user turn followed by the
+    assistant's header (the tokenizer's chat template or the built-in one), ``completion`` sends
+    it as it is. Starts with BOS once, whether or not a chat template renders it."""
+    if fmt == "alpaca":
+        text = alpaca_prompt(text)
+    elif fmt == "chat":
+        text = tokenizer.chat_generation_prompt([{"role": "user", "content": text}])
+    elif fmt != "completion":
+        raise ValueError(f"unknown data format {fmt!r}; expected alpaca, chat or completion")
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+        ids.insert(0, tokenizer.bos_id)
+    return ids
+
+
 def tokenize_parts(parts, tokenizer, max_seq_len: int, train_on_prompt: bool) -> tuple[Example, bool]:
-    """(example, truncated). Tokens are BOS + parts + EOS; EOS is trained with the response."""
+    """(example, truncated). Tokens are BOS + parts + EOS; EOS is trained with the response.
+    BOS or EOS that the parts already hold (a chat template may render them) is not repeated."""
     tokens, trained = [], []
-    if tokenizer.bos_id is not None:
-        tokens.append(tokenizer.bos_id)
-        trained.append(False)
     for text, is_response in parts:
         ids = tokenizer.encode(text)
         tokens += ids
         trained += [is_response or train_on_prompt] * len(ids)
-    if tokenizer.eos_id is not None:
+    if tokenizer.bos_id is not None and tokens[:1] != [tokenizer.bos_id]:
+        tokens.insert(0, tokenizer.bos_id)
+        trained.insert(0, False)
+    if tokenizer.eos_id is not None and tokens[-1:] != [tokenizer.eos_id]:
         tokens.append(tokenizer.eos_id)
         trained.append(True)
     truncated = len(tokens) > max_seq_len + 1

@@ -1,8 +1,9 @@
 """Tokenizers the trainer uses: the shipped byte-level one, and Hugging Face tokenizers.
 
 Both expose the same small interface: ``encode(text) -> list[int]`` (no special tokens),
-``decode(ids) -> str``, ``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size`` and
-``render_chat(messages) -> list[(text, is_response)]``.
+``decode(ids) -> str``, ``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size``,
+``render_chat(messages) -> list[(text, is_response)]`` and ``chat_generation_prompt(messages)``
+(the conversation followed by what opens the assistant's answer).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class ByteTokenizer:
     def render_chat(self, messages: list[dict]) -> list[tuple[str, bool]]:
         return builtin_chat_parts(messages)
 
+    def chat_generation_prompt(self, messages: list[dict]) -> str:
+        return builtin_generation_prompt(messages)
+
 
 def builtin_chat_parts(messages: list[dict]) -> list[tuple[str, bool]]:
     """The built-in template: ``<|role|>\\ncontent\\n`` per message; assistant content is response."""
@@ -43,6 +47,12 @@ def builtin_chat_parts(messages: list[dict]) -> list[tuple[str, bool]]:
         parts.append((_ROLE_HEADER.format(role=message["role"]), False))
         parts.append((message["content"] + _END_OF_TURN, message["role"] == "assistant"))
     return parts
+
+
+def builtin_generation_prompt(messages: list[dict]) -> str:
+    """The built-in template's rendering of ``messages`` and the assistant header after them."""
+    return "".join(text for text, _ in builtin_chat_parts(messages)) + \
+        _ROLE_HEADER.format(role="assistant")
 
 
 class HFTokenizer:
@@ -63,17 +73,33 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def render_chat(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """With the tokenizer's chat template, each assistant turn's text is the part the
-        template adds when that turn is appended to the conversation before it."""
+        """With the tokenizer's chat template, each turn's text is the part the template adds
+        when that turn is appended to the conversation before it. Of an assistant turn, what
+        the template's generation prompt adds (the assistant header, which generation is given)
+        is prompt; the rest is the response."""
         if not getattr(self.tok, "chat_template", None):
             return builtin_chat_parts(messages)
         parts, rendered = [], ""
         for i, message in enumerate(messages):
-            text = self.tok.apply_chat_template(messages[:i + 1], tokenize=False)
+            text = self._render(messages[:i + 1], add_generation_prompt=False)
+            if message["role"] == "assistant":
+                header = self._render(messages[:i], add_generation_prompt=True) if i else rendered
+                if header.startswith(rendered) and text.startswith(header):
+                    parts.append((header[len(rendered):], False))
+                    rendered = header
             if not text.startswith(rendered):
                 raise ValueError("the tokenizer's chat template does not render a conversation as "
                                  "a prefix of its continuation; use data.format: completion")
             parts.append((text[len(rendered):], message["role"] == "assistant"))
             rendered = text
-        return parts
+        return [(text, is_response) for text, is_response in parts if text]
+
+    def chat_generation_prompt(self, messages: list[dict]) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            return builtin_generation_prompt(messages)
+        return self._render(messages, add_generation_prompt=True)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
 

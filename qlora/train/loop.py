@@ -159,7 +159,7 @@ def exact_match(model, tokenizer, examples) -> int:
 
 def _sample_prompt(cfg: Config, tokenizer, held_out) -> tuple[list[int], Optional[str]]:
     """(prompt ids, expected answer or None) for the before/after sample."""
-    from qlora.data.formats import alpaca_prompt
+    from qlora.data.formats import prompt_ids
 
     text = cfg.logging.sample_prompt
     if text is None and held_out:
@@ -167,12 +167,7 @@ def _sample_prompt(cfg: Config, tokenizer, held_out) -> tuple[list[int], Optiona
         return prompt, tokenizer.decode(answer)
     if text is None:
         return [], None
-    if cfg.data.format == "alpaca":
-        text = alpaca_prompt(text)
-    elif cfg.data.format == "chat":
-        text = "".join(part for part, _ in tokenizer.render_chat([{"role": "user", "content": text}]))
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + tokenizer.encode(text), None
+    return prompt_ids(tokenizer, text, cfg.data.format), None
 
 
 def _publish_adapter(save_fn, target: Path) -> None:
