@@ -42,12 +42,12 @@ def tensorboard_values(record: dict) -> dict:
     held-out values under ``eval/``, the rest under ``train/``."""
     values = {}
     for key, value in record.items():
-        if key == "step" or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)) or key == "sample":
-            tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else \
-                ("eval/sample" if key == "sample" else f"train/{key}")
-            values[tag] = value
+        if key == "sample":
+            values["eval/sample"] = value
+        elif key.startswith("eval_"):
+            values[f"eval/{key.removeprefix('eval_')}"] = value
+        elif key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[f"train/{key}"] = value
     return values
 
 
