@@ -17,11 +17,13 @@ from qlora.atomic import write_atomic
 from qlora.inject import lora_layers
 from qlora.nf4 import quantize
 from qlora.nn.linear4bit import Linear4bit
+from qlora.nn.adalora import AdaLoRALinear
 from qlora.nn.lora import LoRALinear
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
 
 
-def _names_for(layer: LoRALinear, adapter_names: Optional[Iterable[str]]) -> list[str]:
+def _names_for(layer: Union[LoRALinear, AdaLoRALinear],
+               adapter_names: Optional[Iterable[str]]) -> list[str]:
     if adapter_names is None:
         return list(layer.active_adapters)
     return [n for n in adapter_names if n in layer.lora_A]
@@ -34,6 +36,10 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None,
     to, i.e. the compute dtype). It is never re-quantized to NF4 — that would add a second
     rounding error on top of W0's; use ``export_merged(quantize_merged=True)`` for that, which
     reports the error. Returns the names of the merged layers."""
+    adalora = [name for name, module in model.named_modules() if isinstance(module, AdaLoRALinear)]
+    if adalora:
+        raise ValueError(f"merge: {adalora[0]} (and {len(adalora) - 1} more) holds AdaLoRA adapters, "
+                         "which are not merged in place; export_merged writes them merged")
     names = None if adapter_names is None else list(adapter_names)
     if names is not None:
         known = {n for _, layer in lora_layers(model) for n in layer.lora_A}
@@ -173,6 +179,14 @@ class _Exporter:
             self.linear(name, w, module.base_layer.bias, base if isinstance(base, Linear4bit) else None,
                         getattr(base, "fan_in_fan_out", False))
             return
+        if isinstance(module, AdaLoRALinear):
+            base = module.base_layer
+            w = base.weight.dequantize(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+            for adapter in _names_for(module, self.adapter_names):
+                w = w + module.delta_weight(adapter)
+            self.linear(name, w, base.bias, base if isinstance(base, Linear4bit) else None,
+                        getattr(base, "fan_in_fan_out", False))
+            return
         if isinstance(module, Linear4bit):
             self.linear(name, module.weight.dequantize(torch.float32), module.bias, module,
                         getattr(module, "fan_in_fan_out", False))
@@ -203,8 +217,8 @@ def export_merged(model: nn.Module, dir: Union[str, os.PathLike], dtype: torch.d
     """Write ``model`` with its adapters (default: the active ones) merged as a standard Hugging Face
     checkpoint (config.json + safetensors, sharded above ``max_shard_bytes`` with
     ``model.safetensors.index.json``) that ``AutoModelForCausalLM.from_pretrained`` loads without
-    qlora: W = W0 + Σ s·B·A in fp32, stored in ``dtype``; NF4 layers without adapters are
-    dequantized; ``modules_to_save`` copies replace their originals.
+    qlora: W = W0 + Σ ΔW in fp32 (LoRA s·B·A, DoRA, AdaLoRA c·P·diag(λ)·Q), stored in ``dtype``;
+    NF4 layers without adapters are dequantized; ``modules_to_save`` copies replace their originals.
 
     ``quantize_merged=True`` stores every layer that was NF4 in NF4 again (bitsandbytes' format, so
     transformers loads it with ``BitsAndBytesConfig``; GPT-2 Conv1D layers stay dense) and the

@@ -8,7 +8,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from qlora.inject import lora_layers, peft_target_modules
+from qlora.inject import adaptable_layers, lora_layers, peft_target_modules
+from qlora.nn.adalora import AdaLoRALinear
 from qlora.nn.dora import DoRALinear
 from qlora.nn.lora import LoRALinear, check_adapter_name
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
@@ -20,9 +21,14 @@ def _wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
+def _adapter_layers(model: nn.Module) -> list[tuple[str, Union[LoRALinear, AdaLoRALinear]]]:
+    """LoRA (and DoRA) and AdaLoRA layers: what selecting, disabling and deleting adapters acts on."""
+    return [(n, m) for n, m in adaptable_layers(model) if isinstance(m, (LoRALinear, AdaLoRALinear))]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name on the model, in the order first seen."""
-    names = [n for _, layer in lora_layers(model) for n in layer.lora_A]
+    names = [n for _, layer in _adapter_layers(model) for n in layer.lora_A]
     names += [n for _, w in _wrappers(model) for n in w.modules_to_save]
     return list(dict.fromkeys(names))
 
@@ -39,7 +45,7 @@ def set_adapter(model: nn.Module, names: Union[str, Iterable[str]]) -> None:
     runs those it has. Gradients are left as they are."""
     names = [names] if isinstance(names, str) else list(names)
     _check_known(model, names)
-    for _, layer in lora_layers(model):
+    for _, layer in _adapter_layers(model):
         layer.set_adapter([n for n in names if n in layer.lora_A])
     for _, wrapper in _wrappers(model):
         wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save])
@@ -49,7 +55,7 @@ def set_adapter(model: nn.Module, names: Union[str, Iterable[str]]) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """``with disable_adapters(model):`` runs the base model alone; the previous state comes back
     on exit, also after an exception."""
-    layers = [layer for _, layer in lora_layers(model)] + [w for _, w in _wrappers(model)]
+    layers = [layer for _, layer in _adapter_layers(model)] + [w for _, w in _wrappers(model)]
     merged = [n for n, layer in lora_layers(model) if layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapters are merged into {merged[0]} (and {len(merged) - 1} more layers); "
@@ -72,7 +78,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; a layer left without adapters becomes its base layer again."""
     _check_known(model, [name])
-    for layer_name, layer in list(lora_layers(model)):
+    for layer_name, layer in _adapter_layers(model):
         if name in layer.lora_A:
             layer.delete_adapter(name)
             if not layer.lora_A:
@@ -119,7 +125,8 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
       default rank the largest r_i.
 
     The new adapter has scaling 1 (alpha = its rank) and is not activated. DoRA adapters cannot be
-    combined this way (their delta depends on W0 nonlinearly). Returns the layers it was added to.
+    combined this way (their delta depends on W0 nonlinearly), nor AdaLoRA ones (their layers hold
+    no LoRA adapters to add it to). Returns the layers it was added to.
     """
     names, weights = list(names), [float(w) for w in weights]
     if method not in COMBINE_METHODS:
@@ -134,6 +141,10 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    adalora = [n for n, layer in _adapter_layers(model)
+               if isinstance(layer, AdaLoRALinear) and any(a in layer.lora_A for a in names)]
+    if adalora:
+        raise ValueError(f"{adalora[0]}: AdaLoRA adapters cannot be combined")
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.lora_A for a in names)]
     dora = [n for n, layer in layers if isinstance(layer, DoRALinear)]
     if dora:

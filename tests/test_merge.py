@@ -163,3 +163,26 @@ def test_sharded_export_and_refusal_to_overwrite(tmp_path, llama_path):
     with pytest.raises(FileExistsError, match="not an empty directory"):
         export_merged(model, tmp_path / "sharded")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_export_merged_adalora_loads_in_transformers(tmp_path, llama_path):
+    from qlora import add_adalora
+    from qlora.nn.adalora import adalora_layers
+
+    model = load_model(llama_path, compute_dtype=torch.float32)
+    add_adalora(model, init_r=6, alpha=8, target_modules=["v_proj", "down_proj"])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, layer in adalora_layers(model):
+            layer.lora_E["default"].copy_(torch.randn(6, 1, generator=g))  # λ = 0 would be W0 alone
+        expected = model(IDS).logits
+        plain = load_model(llama_path, compute_dtype=torch.float32)(IDS).logits
+    assert not torch.allclose(expected, plain, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"merge: model\.layers\.0\.self_attn\.v_proj \(and 3 more\) "
+                                         r"holds AdaLoRA adapters"):
+        merge(model)
+    export_merged(model, tmp_path / "out", dtype=torch.float32)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        # fp32 throughout: the merged weight and the adapter path differ only in summation order
+        torch.testing.assert_close(dense(IDS).logits, expected, rtol=1e-4, atol=1e-5)

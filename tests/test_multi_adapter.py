@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from qlora import (add_lora, combine_adapters, delete_adapter, disable_adapters, load_adapter, merge, quantize_model,
-                   save_adapter, set_adapter, unmerge)
+from qlora import (add_lora, combine_adapters, delete_adapter, disable_adapters, load_adapter, merge,
+                   quantize_model, save_adapter, set_adapter, unmerge)
 from qlora.inject import lora_layers
+from qlora.multi_adapter import adapter_names
 from qlora.nn import Linear4bit
 
 transformers = pytest.importorskip("transformers")
@@ -169,3 +170,32 @@ def test_combine_errors():
         combine_adapters(model, ["a", "b"], [1.0, 1.0], method="cat", rank=2)
     assert all("combined" not in layer.lora_A for _, layer in lora_layers(model))
     assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_adalora_adapters_are_selected_disabled_and_deleted():
+    from qlora import add_adalora
+    from qlora.nn.adalora import adalora_layers
+
+    model = _model()
+    base = _logits(model)
+    add_adalora(model, init_r=4, alpha=8, target_modules=["k_proj", "up_proj"], adapter_name="ada")
+    add_lora(model, r=4, alpha=8, target_modules=["q_proj"], adapter_name="a")
+    _randomize(model, "a", 1)
+    with torch.no_grad():
+        for _, layer in adalora_layers(model, "ada"):
+            layer.lora_E["ada"].normal_(generator=torch.Generator().manual_seed(4))
+    both = _logits(model)
+    assert adapter_names(model) == ["a", "ada"]
+    with disable_adapters(model):
+        assert torch.equal(_logits(model), base)
+    set_adapter(model, "a")
+    only_a = _logits(model)
+    assert not torch.allclose(only_a, both)
+    set_adapter(model, ["a", "ada"])
+    assert torch.equal(_logits(model), both)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj: AdaLoRA adapters "
+                                         r"cannot be combined"):
+        combine_adapters(model, ["a", "ada"], [1.0, 1.0], method="cat")
+    delete_adapter(model, "ada")
+    assert adapter_names(model) == ["a"] and isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)
+    assert torch.equal(_logits(model), only_a)

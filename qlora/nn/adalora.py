@@ -80,6 +80,15 @@ class AdaLoRALinear(nn.Module):
             raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
         self.active_adapters = names
 
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
+        for table in (self.lora_A, self.lora_B, self.lora_E, self.ranknum, self.lora_dropout,
+                      self.r, self.lora_alpha, self.scaling):
+            del table[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
     def _coefficient(self, name: str) -> torch.Tensor:
         return self.scaling[name] / (self.ranknum[name] + _RANKNUM_EPS)
 
