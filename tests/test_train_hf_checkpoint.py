@@ -59,6 +59,7 @@ def test_train_hf_checkpoint_on_chat_data_then_generate(tmp_path, checkpoint, ca
     ids = prompt_ids(trainer.tokenizer, "owl", "chat")
     assert hf.decode(ids) == "<s><|im_start|>user\nowl<|im_end|>\n<|im_start|>assistant\n"
     want = generate(trainer.model, trainer.tokenizer, ids, 6)
+    assert want  # an empty answer would make the comparison below say little
     capsys.readouterr()
     assert main(["generate", "--model", str(checkpoint), "--adapter", str(result.adapter_dir),
                  "--chat", "--prompt", "owl", "--max-new-tokens", "6"]) == 0
