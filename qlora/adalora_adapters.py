@@ -19,8 +19,8 @@ from torch import nn
 
 from qlora.adalora_allocator import RankAllocator
 from qlora.adalora_ranks import prune_to_rank_pattern
-from qlora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_config, check_weights, read_config, read_weights,
-                            target_layers)
+from qlora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_config, check_weights, fill_adapter, read_config,
+                            read_weights, target_layers)
 from qlora.atomic import write_atomic
 from qlora.inject import LoRAReport, add_adalora, trainable_parameters
 from qlora.nn.adalora import adalora_layers
@@ -153,11 +153,5 @@ def load_adalora_adapter(model: nn.Module, dir: Union[str, os.PathLike], adapter
     prune_to_rank_pattern(model, config.get("rank_pattern") or {}, adapter_name)
     own = {f"{PREFIX}{name}.{f}": getattr(layer, f)[adapter_name]
            for name, layer in adalora_layers(model, adapter_name) for f in _FACTORS}
-    with torch.no_grad():
-        for key, tensor in weights.items():
-            own[key].copy_(tensor.to(own[key].dtype))
-    for param, flag in trainable_before:
-        param.requires_grad_(flag)
-    for param in own.values():
-        param.requires_grad_(trainable)
+    fill_adapter(own, weights, trainable_before, trainable)
     return LoRAReport(adapter_name, report.layers, trainable_parameters(model))

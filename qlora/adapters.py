@@ -215,7 +215,15 @@ def load_adapter(model: nn.Module, dir: Union[str, os.PathLike], adapter_name: s
                       use_dora=config.get("use_dora", False), init=init, rank_pattern=config.get("rank_pattern"),
                       alpha_pattern=config.get("alpha_pattern"), modules_to_save=config.get("modules_to_save"),
                       adapter_name=adapter_name)
-    own = _parameters_by_peft_key(model, adapter_name)
+    fill_adapter(_parameters_by_peft_key(model, adapter_name), weights, trainable_before, trainable)
+    return report
+
+
+def fill_adapter(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                 trainable_before: list[tuple[torch.Tensor, bool]], trainable: bool) -> None:
+    """Copy checked ``weights`` into a just-added adapter's parameters ``own`` (both by PEFT key),
+    give every other parameter back the flag it had in ``trainable_before`` (adding an adapter
+    freezes them) and make the adapter's parameters ``trainable`` or frozen."""
     with torch.no_grad():
         for key, tensor in weights.items():
             own[key].copy_(tensor.to(own[key].dtype))
@@ -223,7 +231,6 @@ def load_adapter(model: nn.Module, dir: Union[str, os.PathLike], adapter_name: s
         param.requires_grad_(flag)
     for param in own.values():
         param.requires_grad_(trainable)
-    return report
 
 
 def _parameters_by_peft_key(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
