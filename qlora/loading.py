@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from qlora.nf4 import BLOCKSIZES, DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, _blockwise_codes
+from qlora.nf4 import DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, _blockwise_codes, check_quantizable
 from qlora.nn.linear4bit import Linear4bit
 
 # Elements of a weight quantized at once: the fp32 copy and the int64 codes of a slice cost about
@@ -35,12 +35,7 @@ def quantize_chunked(w: torch.Tensor, blocksize: int = 64, double_quant: bool = 
     in one pass; the double quantization needs all block scales and runs once at the end (they are
     1/blocksize of the weight). ``dtype`` is what the result dequantizes to (default ``w.dtype``).
     """
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"can only quantize fp32/fp16/bf16 tensors, got {w.dtype}")
-    if w.numel() == 0:
-        raise ValueError("cannot quantize an empty tensor")
+    check_quantizable(w, blocksize)
     flat = w.detach().reshape(-1)
     n = flat.numel()
     step = max(blocksize, chunk_elements - chunk_elements % blocksize)

@@ -229,14 +229,19 @@ class NF4Tensor:
         )
 
 
-def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """NF4-quantize ``w`` (fp32/fp16/bf16, any shape) blockwise, optionally with double quantization."""
+def check_quantizable(w: torch.Tensor, blocksize: int) -> None:
+    """Raise if ``w`` cannot be NF4-quantized with ``blocksize``."""
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"can only quantize fp32/fp16/bf16 tensors, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
+
+
+def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """NF4-quantize ``w`` (fp32/fp16/bf16, any shape) blockwise, optionally with double quantization."""
+    check_quantizable(w, blocksize)
     flat = w.detach().reshape(-1).float()
     codes, absmax = _blockwise_codes(flat, NF4_CODE.to(flat.device), blocksize)
     if codes.numel() % 2:
