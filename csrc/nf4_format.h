@@ -1,6 +1,6 @@
 // NF4 storage format helpers shared by the CUDA kernels and the host-side test harness.
 //
-// The format is exactly bitsandbytes' NF4 with optional double quantization (see qlora/nf4.py):
+// The format is exactly bitsandbytes' NF4 with optional double quantization (see qlora/quant/nf4.py):
 //   packed  uint8, two 4-bit codes per byte over the row-major flat index i; element 2j sits in
 //           the HIGH nibble of byte j and element 2j+1 in the LOW nibble.
 //   absmax  per block of `blocksize` consecutive flat elements. Double-quantized (QLoRA's default):
@@ -13,7 +13,7 @@
 //           rounding to the output dtype.
 //
 // Everything here is a pure function with no CUDA or torch dependency, so that `g++` can compile it
-// for the host harness in tests/test_csrc_compile.py and check it against qlora.nf4 and
+// for the host harness in tests/test_csrc_compile.py and check it against qlora.quant.nf4 and
 // bitsandbytes: the code that decodes the format on the GPU is the code that the CPU test runs.
 #pragma once
 

@@ -1,9 +1,9 @@
 // torch.library bindings of the csrc/ kernels: torch.ops.qlora.nf4_dequantize and
 // torch.ops.qlora.nf4_gemv_lora (CUDA implementations; fake/meta implementations are registered in
-// qlora/cuda_ext.py). This file validates tensors and passes raw pointers to the launchers in
+// qlora/ops/cuda_ext.py). This file validates tensors and passes raw pointers to the launchers in
 // qlora_kernels.h; all arithmetic lives in the .cu files.
 //
-// The NF4 weight travels as its NF4Tensor fields (qlora/nf4.py). Double quantization is recognised
+// The NF4 weight travels as its NF4Tensor fields (qlora/quant/nf4.py). Double quantization is recognised
 // by absmax's dtype: uint8 needs nested_absmax, nested_quant_map and offset; float32 needs none.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -156,7 +156,7 @@ def nf4_dequantize_kernel(
 def nf4_kernel_args(weight):
     """The tensors and constants every kernel needs from an NF4 weight, checked once.
 
-    ``weight`` has the fields of ``qlora.nf4.NF4Tensor`` (packed, shape, blocksize, absmax,
+    ``weight`` has the fields of ``qlora.quant.nf4.NF4Tensor`` (packed, shape, blocksize, absmax,
     nested_absmax, nested_quant_map, nested_blocksize, offset, and quant_map = NF4_CODE_VALUES);
     the kernels layer reads them by name and does not import the format module above it.
     Returns (tensor args in kernel order, constexpr dict).

@@ -259,7 +259,7 @@ def check_lora_operands(s, b_scaled, m: int, n: int, dtype, where: str):
 def nf4_lora_linear_fwd(x: torch.Tensor, weight, bias, s, b_scaled) -> torch.Tensor:
     """Y = X W0^T + S B_s^T (+ bias): [M, K] -> [M, N] with the fused kernel.
 
-    x: [M, K] bf16/fp16; weight: NF4 [N, K] (fields of qlora.nf4.NF4Tensor); bias: [N] or None;
+    x: [M, K] bf16/fp16; weight: NF4 [N, K] (fields of qlora.quant.nf4.NF4Tensor); bias: [N] or None;
     s: [M, R] from ``lora_a`` and b_scaled: [N, R] = concatenated s_a * B_a, or both None.
     """
     tensors, consts = nf4_kernel_args(weight)

@@ -6,22 +6,22 @@ __version__ = "0.1.0"
 # The public API, imported on first use so that `import qlora` (the CLI's start) does not pay for
 # torch and transformers.
 _EXPORTS = {
-    "load_model": "qlora.loading",
-    "quantize_model": "qlora.loading",
-    "add_lora": "qlora.inject",
-    "add_adalora": "qlora.inject",
-    "trainable_parameters": "qlora.inject",
-    "save_adapter": "qlora.adapters",
-    "load_adapter": "qlora.adapters",
-    "save_adalora_adapter": "qlora.adalora_adapters",
-    "load_adalora_adapter": "qlora.adalora_adapters",
-    "merge": "qlora.merging",
-    "unmerge": "qlora.merging",
-    "export_merged": "qlora.merging",
-    "set_adapter": "qlora.multi_adapter",
-    "disable_adapters": "qlora.multi_adapter",
-    "delete_adapter": "qlora.multi_adapter",
-    "combine_adapters": "qlora.multi_adapter",
+    "load_model": "qlora.model.loading",
+    "quantize_model": "qlora.model.loading",
+    "add_lora": "qlora.model.inject",
+    "add_adalora": "qlora.model.inject",
+    "trainable_parameters": "qlora.model.inject",
+    "save_adapter": "qlora.model.adapters",
+    "load_adapter": "qlora.model.adapters",
+    "save_adalora_adapter": "qlora.adalora.adapter",
+    "load_adalora_adapter": "qlora.adalora.adapter",
+    "merge": "qlora.model.merging",
+    "unmerge": "qlora.model.merging",
+    "export_merged": "qlora.model.merging",
+    "set_adapter": "qlora.model.multi_adapter",
+    "disable_adapters": "qlora.model.multi_adapter",
+    "delete_adapter": "qlora.model.multi_adapter",
+    "combine_adapters": "qlora.model.multi_adapter",
 }
 
 __all__ = ["__version__", *_EXPORTS]

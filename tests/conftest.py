@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 def _bnb_lookup_dequantize(packed, state):
     """fp32 dequantization of bitsandbytes' NF4 data by explicit table lookup.
 
-    A reference independent of qlora.nf4 and of bitsandbytes' CPU dequantize_4bit, which (0.50.2)
+    A reference independent of qlora.quant.nf4 and of bitsandbytes' CPU dequantize_4bit, which (0.50.2)
     returns wrong values when the blocksize is not 64 or does not divide the last dimension: e.g.
     shape (33, 96) at blocksize 64 differs from the lookup by up to 1.12 on N(0, 1) data.
     """
@@ -36,7 +36,7 @@ def _bnb_nf4_weight(n, k, dtype, device, generator):
     (qlora NF4Tensor over bnb's tensors, its exact dequantization in ``dtype``)."""
     from bitsandbytes import functional as bnbF
 
-    from qlora.nf4 import NF4Tensor
+    from qlora.quant.nf4 import NF4Tensor
 
     w = (torch.randn(n, k, generator=generator) / k**0.5).to(dtype).to(device)
     packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

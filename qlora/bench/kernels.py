@@ -74,7 +74,7 @@ def _choice_list(choices):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from qlora.presets import list_presets
+    from qlora.model.presets import list_presets
 
     parser.add_argument("--shapes", default=None, choices=[*list_presets(), "custom"],
                         help="model whose linear shapes to use (default llama-2-7b), or custom (--nk)")
@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def preset_shapes(name: str) -> list:
     """[(N, K, 'module,...')] of the decoder projections of preset ``name``, deduplicated."""
-    from qlora.presets import load_preset
+    from qlora.model.presets import load_preset
 
     cfg = load_preset(name)
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]

@@ -3,7 +3,7 @@
 Every provider is built from the same ``LinearProblem`` (one NF4 weight in bitsandbytes' layout,
 one adapter A, B), so all of them compute the same function on the same bits:
 
-* ``qlora-fused``: our layer (``qlora.fused``) pinned to the fused kernels: split-K GEMV for
+* ``qlora-fused``: our layer (``qlora.ops.fused``) pinned to the fused kernels: split-K GEMV for
   M <= 16 without gradients, the fused NF4 + LoRA GEMM otherwise.
 * ``qlora-dequant-cublas``: our layer pinned to "dequantize W0 into a reused buffer + cuBLAS + LoRA".
 * ``dense-bf16``: ``F.linear`` on W0 already dequantized to bf16, without LoRA: the limit the
@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from qlora.nf4 import NF4Tensor, quantize
+from qlora.quant.nf4 import NF4Tensor, quantize
 
 PROVIDERS = ("qlora-fused", "qlora-dequant-cublas", "dense-bf16", "unsloth-style", "hf-stack")
 TRITON_PROVIDERS = ("qlora-fused", "qlora-dequant-cublas")
@@ -88,9 +88,9 @@ def _trainable(problem: LinearProblem) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _qlora(problem: LinearProblem, path: str) -> Layer:
-    """Our layer on the Triton kernels, pinned to ``path`` (see qlora.fused.pinned_path)."""
-    from qlora.functional import LoRAAdapterArgs
-    from qlora.fused import nf4_lora_linear_triton, pinned_path
+    """Our layer on the Triton kernels, pinned to ``path`` (see qlora.ops.fused.pinned_path)."""
+    from qlora.ops.functional import LoRAAdapterArgs
+    from qlora.ops.fused import nf4_lora_linear_triton, pinned_path
 
     a, b = _trainable(problem)
     adapters = [LoRAAdapterArgs(a, b, problem.scaling, 0.0)]

@@ -8,7 +8,7 @@ one layer is ever alive and a 70B model fits. The NF4 bits are identical in both
 
 * ``qlora``: ``qlora.quantize_model`` (NF4 ``Linear4bit``) + ``qlora.add_lora``; on the Triton
   backend the fused RMSNorm / SwiGLU / RoPE patch and the chunked cross-entropy (no logits
-  tensor); gradient checkpointing of every decoder layer (``qlora.offload``); ``PagedAdamW``.
+  tensor); gradient checkpointing of every decoder layer (``qlora.ops.offload``); ``PagedAdamW``.
 * ``hf-stack``: ``bitsandbytes.nn.Linear4bit`` (NF4, double quant) + PEFT ``get_peft_model``;
   transformers' gradient checkpointing (non-reentrant); ``bitsandbytes.optim.PagedAdamW32bit``
   (bitsandbytes falls back to an unpaged AdamW on CPU); the loss from ``model(labels=...)``.
@@ -78,7 +78,7 @@ def _skeleton(preset: str, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.presets import load_preset
+    from qlora.model.presets import load_preset
 
     cfg = load_preset(preset)
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
@@ -105,10 +105,10 @@ def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype, se
 
 def _bnb_quantize_linears(layer: nn.Module) -> None:
     """Replace every nn.Linear of ``layer`` by bitsandbytes' Linear4bit holding the NF4 bits that
-    ``qlora.nf4.quantize`` produces (bitsandbytes' format exactly)."""
+    ``qlora.quant.nf4.quantize`` produces (bitsandbytes' format exactly)."""
     import bitsandbytes as bnb
 
-    from qlora.nf4 import quantize
+    from qlora.quant.nf4 import quantize
 
     for owner in list(layer.modules()):
         for name, child in list(owner.named_children()):
@@ -127,14 +127,14 @@ def _bnb_quantize_linears(layer: nn.Module) -> None:
 
 def build_model(preset: str, stack: str, device: torch.device, dtype: torch.dtype):
     """The preset with random weights, NF4 linear layers of ``stack``, layer by layer."""
-    from qlora.offload import decoder_layers
+    from qlora.ops.offload import decoder_layers
 
     model = _skeleton(preset, dtype)
     seed = 0
     for layer in decoder_layers(model):
         seed = _materialize(layer, device, dtype, seed)
         if stack == "qlora":
-            from qlora import quantize_model
+            from qlora.model.loading import quantize_model
 
             quantize_model(layer)
         else:
@@ -148,9 +148,9 @@ def build_model(preset: str, stack: str, device: torch.device, dtype: torch.dtyp
 
 def _qlora_stack(model, device):
     """(loss(input_ids) callable, optimizer, components) of our training step."""
-    from qlora import add_lora
-    from qlora.backend import get_backend
-    from qlora.offload import enable_checkpointing
+    from qlora.model.inject import add_lora
+    from qlora.ops.backend import get_backend
+    from qlora.ops.offload import enable_checkpointing
     from qlora.optim import PagedAdamW
 
     add_lora(model, r=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules="all-linear")
@@ -158,7 +158,7 @@ def _qlora_stack(model, device):
     components = ["qlora Linear4bit + LoRA"]
     fused = get_backend(device) in ("triton", "cuda")
     if fused:
-        from qlora.patch import patch_model
+        from qlora.model.patch import patch_model
 
         patch_model(model)
         components.append("fused RMSNorm/SwiGLU/RoPE, chunked cross-entropy")
@@ -168,7 +168,7 @@ def _qlora_stack(model, device):
 
     def loss_fn(input_ids):
         if fused:
-            from qlora.losses import causal_lm_forward_loss
+            from qlora.ops.losses import causal_lm_forward_loss
 
             return causal_lm_forward_loss(model, input_ids, input_ids)
         return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
@@ -257,7 +257,7 @@ def run(args) -> dict:
 def _run(args) -> dict:
     settings = _resolve(args)
     device = torch.device(settings["device"])
-    from qlora.presets import load_preset
+    from qlora.model.presets import load_preset
 
     vocab = load_preset(settings["model"])["vocab_size"]
     gen = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ def run_generate(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = base_model(cfg, device)
     if args.adapter is not None:
-        from qlora import load_adapter
+        from qlora.model.adapters import load_adapter
 
         load_adapter(model, args.adapter)
         model.to(device)

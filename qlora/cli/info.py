@@ -19,8 +19,9 @@ def _version(package: str) -> str:
 def run_info(args) -> int:
     import torch
 
-    from qlora import __version__, cuda_ext
-    from qlora.backend import get_backend, requested_backend
+    from qlora import __version__
+    from qlora.ops import cuda_ext
+    from qlora.ops.backend import get_backend, requested_backend
 
     print(f"qlora {__version__}")
     for package in ("torch", "triton", "bitsandbytes", "transformers", "accelerate", "peft", "safetensors"):

@@ -16,7 +16,7 @@ def register(subparsers):
 
 
 def run_inspect(args) -> int:
-    from qlora.kernel_inspect import inspect_kernels, problems
+    from qlora.bench.kernel_inspect import inspect_kernels, problems
 
     results = [r for arch in (args.arch or ["sm_80", "sm_90"]) for r in inspect_kernels(arch)]
     if args.json:

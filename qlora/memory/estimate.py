@@ -11,7 +11,7 @@ Notation (used in every formula below):
 Sources:
   [QLoRA]  Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", §2-3: NF4 with
            blocksize 64, double quantization of the absmax to 8 bit with blocksize 256.
-  [bnb]    bitsandbytes' 4-bit storage (``Params4bit`` / ``QuantState``, mirrored by qlora.nf4):
+  [bnb]    bitsandbytes' 4-bit storage (``Params4bit`` / ``QuantState``, mirrored by qlora.quant.nf4):
            packed uint8 with two codes per byte, uint8 absmax codes, fp32 nested absmax, an fp32[16]
            quant_map, an fp32[256] nested_quant_map and an fp32 offset per tensor.
   [Korthikanti] Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 from qlora.optim.paged_adamw import DEFAULT_PAGE_BYTES
 from qlora.optim.quant8 import QUANT_BLOCK
-from qlora.presets import list_presets, load_preset
+from qlora.model.presets import list_presets, load_preset
 
 GB = 10**9
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -138,7 +138,7 @@ class TrainSetup:
     optimizer: str = "paged_adamw"
     grad_checkpointing: bool = True
     offload_checkpoints: bool = False
-    chunked_loss: bool = False  # qlora.losses: lm_head + cross-entropy chunk by chunk over tokens
+    chunked_loss: bool = False  # qlora.ops.losses: lm_head + cross-entropy chunk by chunk over tokens
     compute_bytes: int = 2   # bf16 activations and 16-bit base params
     lora_bytes: int = 4      # fp32 adapters (PEFT's default autocast_adapter_dtype=True)
     device: str = "cuda"     # "cpu": no CUDA context
@@ -344,7 +344,7 @@ def activation_components(arch: Architecture, setup: TrainSetup, trainable_base:
                               peak_only=True))
     mlp_backward = 3 * a * i + 2 * a * h
     if setup.chunked_loss:
-        # [chunked] qlora.losses computes dL/dhidden (a·h per token) during the forward, chunk by
+        # [chunked] qlora.ops.losses computes dL/dhidden (a·h per token) during the forward, chunk by
         # chunk, and keeps it with the fp32 per-token loss and the labels; only one chunk of C tokens
         # of logits exists at a time, and the loss backward is a scaling of the saved gradient.
         chunk = min(N, _chunk_tokens(V, a))

@@ -90,7 +90,7 @@ def build_model(config: dict, settings: ProfileSettings, dtype: torch.dtype):
     LoRALinear(Linear4bit) (NF4, blocksize 64, double quant); everything else frozen."""
     import transformers
 
-    from qlora.nf4 import quantize
+    from qlora.quant.nf4 import quantize
     from qlora.nn import Linear4bit, LoRALinear
 
     torch.manual_seed(settings.seed)

@@ -1,7 +1,6 @@
-"""Modules: the NF4 base layer and LoRA, DoRA and AdaLoRA on top of it."""
-from qlora.nn.adalora import AdaLoRALinear
+"""Modules: the NF4 base layer and LoRA and DoRA on top of it (AdaLoRA's layer is in qlora.adalora)."""
 from qlora.nn.dora import DoRALinear
 from qlora.nn.linear4bit import Linear4bit
 from qlora.nn.lora import LoRALinear
 
-__all__ = ["AdaLoRALinear", "DoRALinear", "Linear4bit", "LoRALinear"]
+__all__ = ["DoRALinear", "Linear4bit", "LoRALinear"]

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.functional import nf4_lora_linear
-from qlora.nf4 import NF4Tensor
+from qlora.ops.functional import nf4_lora_linear
+from qlora.quant.nf4 import NF4Tensor
 from qlora.nn.linear4bit import Linear4bit
 from qlora.nn.lora import LoRALinear
 

@@ -6,14 +6,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qlora.functional import nf4_linear
-from qlora.nf4 import NF4Tensor, quantize
+from qlora.ops.functional import nf4_linear
+from qlora.quant.nf4 import NF4Tensor, quantize
 
 _WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 class Linear4bit(nn.Module):
-    """y = x·W0ᵀ + bias with W0 an :class:`~qlora.nf4.NF4Tensor` [out_features, in_features].
+    """y = x·W0ᵀ + bias with W0 an :class:`~qlora.quant.nf4.NF4Tensor` [out_features, in_features].
 
     The state dict has bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
     ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``),

@@ -7,8 +7,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from qlora.functional import LoRAAdapterArgs, lora_delta, nf4_lora_linear
-from qlora.nf4 import quantize
+from qlora.ops.functional import LoRAAdapterArgs, lora_delta, nf4_lora_linear
+from qlora.quant.nf4 import quantize
 from qlora.nn.linear4bit import Linear4bit
 
 LORA_INITS = ("default", "gaussian", "pissa")

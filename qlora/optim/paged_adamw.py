@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora.dynamic_map import dynamic_map
+from qlora.quant.dynamic_map import dynamic_map
 from qlora.optim.pages import PagePool
 from qlora.optim.quant8 import QUANT_BLOCK
 from qlora.optim.update import adamw8bit_update, adamw_scalars, adamw_update

@@ -3,7 +3,7 @@
 A flat tensor is cut into blocks of 256 elements. Block b keeps one fp32 ``absmax[b]`` and one
 uint8 code per element; element i decodes to ``qmap[code_i] * absmax[i // 256]``.
 
-``qmap`` is ``qlora.dynamic_map.dynamic_map(signed)``, bitsandbytes' map, so the states mean the
+``qmap`` is ``qlora.quant.dynamic_map.dynamic_map(signed)``, bitsandbytes' map, so the states mean the
 same thing in both libraries; the unsigned map suits the non-negative second moment.
 """
 import torch

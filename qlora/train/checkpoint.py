@@ -9,7 +9,7 @@ A checkpoint is the directory ``<output_dir>/checkpoints/step-<N>/`` holding
     trainer_state.json     step, data position, tokens seen, non-finite steps in a row
     config.yaml            the run's resolved config
     adalora_*              with lora.type adalora: the unpruned adapter and the rank allocator
-                           (see qlora.train.adalora)
+                           (see qlora.adalora.training)
 
 It is written into a hidden temporary directory next to it, every file fsynced, then renamed
 into place, so a crash leaves either the whole checkpoint or none of it. Only ``step-<N>``

@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qlora.backend import get_backend
+from qlora.ops.backend import get_backend
 from qlora.data.batching import BatchStream, collate, single
 from qlora.data.formats import IGNORE_INDEX
-from qlora.losses import chunked_cross_entropy
+from qlora.ops.losses import chunked_cross_entropy
 from qlora.train import checkpoint as ckpt
-from qlora.train.adalora import AdaLoRATraining
+from qlora.adalora.training import AdaLoRATraining
 from qlora.train.config import Config, config_to_dict, dump_config
 from qlora.train.dataset import build_data, prompt_and_answer
 from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, plot_loss, \
@@ -72,7 +72,7 @@ class LossModule(nn.Module):
         hidden = out.last_hidden_state.to(head.dtype)
         if get_backend(hidden.device) in ("triton", "cuda"):
             return chunked_cross_entropy(hidden, head, labels, num_items_in_batch=num_items)
-        # qlora.losses is Triton-only; on the torch backend the [tokens, vocab] logits are
+        # qlora.ops.losses is Triton-only; on the torch backend the [tokens, vocab] logits are
         # materialized, which is what that backend is for (CPU and small models).
         logits = (hidden @ head.t()).float()
         summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
@@ -188,8 +188,8 @@ def _publish_adapter(save_fn, target: Path) -> None:
 
 
 def _patch_fused_kernels(model, device) -> dict:
-    """model.fused_kernels: the fused element-wise kernels of qlora.patch, which are Triton-only."""
-    from qlora.patch import patch_model
+    """model.fused_kernels: the fused element-wise kernels of qlora.model.patch, which are Triton-only."""
+    from qlora.model.patch import patch_model
 
     backend = get_backend(device)
     if backend not in ("triton", "cuda"):
@@ -226,16 +226,16 @@ class Trainer:
         self.world = self.acc.num_processes
         set_seed(cfg.train.seed)
         self.resumed_from = self._find_checkpoint(resume) if resume else None
-        # an AdaLoRA run resumes from its unpruned weights (see qlora.train.adalora), not the
+        # an AdaLoRA run resumes from its unpruned weights (see qlora.adalora.training), not the
         # PEFT adapter
         adapter_dir = None if self.resumed_from is None or cfg.lora.type == "adalora" \
             else self.resumed_from / "adapter"
         self.model, self.tokenizer = build_model(cfg, self.acc.device, adapter_dir)
-        self.adalora = AdaLoRATraining(self.model, cfg) if cfg.lora.type == "adalora" else None
+        self.adalora = AdaLoRATraining(self.model, cfg.lora, cfg.train.max_steps) if cfg.lora.type == "adalora" else None
         if cfg.model.fused_kernels:
             self.patched = _patch_fused_kernels(self.model, self.acc.device)
         if cfg.model.gradient_checkpointing:
-            from qlora.offload import enable_checkpointing
+            from qlora.ops.offload import enable_checkpointing
 
             enable_checkpointing(self.model, offload=cfg.model.offload_activations)
         self.model.train()
@@ -293,7 +293,7 @@ class Trainer:
         if self.adalora is not None:
             self.adalora.save_adapter(path)
         else:
-            from qlora import save_adapter
+            from qlora.model.adapters import save_adapter
 
             save_adapter(self.model, str(path))
 

@@ -45,7 +45,7 @@ def builtin_model(init_seed: int, dtype: torch.dtype = torch.float32):
 
 def base_model(cfg: Config, device: torch.device):
     """The frozen base model on ``device``: NF4 linear layers when ``quant.enabled``."""
-    from qlora import load_model, quantize_model
+    from qlora.model.loading import load_model, quantize_model
 
     dtype = compute_dtype(cfg, device)
     q = cfg.quant
@@ -69,7 +69,7 @@ def base_model(cfg: Config, device: torch.device):
 def add_adapters(model, cfg: Config) -> None:
     """The new adapter ``cfg.lora`` describes: LoRA, DoRA (``add_lora(use_dora=True)``) or
     AdaLoRA at rank ``init_r`` (``add_adalora``; its ranks are pruned by the loop's allocator)."""
-    from qlora import add_adalora, add_lora
+    from qlora.model.inject import add_adalora, add_lora
 
     lora = cfg.lora
     if lora.type == "adalora":
@@ -92,7 +92,7 @@ def add_adapters(model, cfg: Config) -> None:
 def build_model(cfg: Config, device: torch.device, adapter_dir=None):
     """(model with trainable adapters, tokenizer). The adapter is new (:func:`add_adapters`),
     or the PEFT-format LoRA/DoRA one in ``adapter_dir`` (``load_adapter``, to resume a run)."""
-    from qlora import load_adapter
+    from qlora.model.adapters import load_adapter
 
     model = base_model(cfg, device)
     if adapter_dir is not None:

@@ -1,0 +1,307 @@
+"""Load Hugging Face checkpoints with NF4 linear layers, reading one tensor at a time.
+
+The model is built with its parameters on the meta device (no memory), then every tensor of the
+checkpoint is read on its own: a linear weight is quantized to NF4 in slices of
+``QUANT_CHUNK_ELEMENTS`` elements and the dense copy dropped before the next tensor is read; any
+other tensor is cast to the compute dtype and put in place. A checkpoint already saved in
+bitsandbytes' 4-bit format (transformers + ``BitsAndBytesConfig``) is taken over as it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from qlora.quant.nf4 import DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, _blockwise_codes, check_quantizable
+from qlora.nn.linear4bit import Linear4bit
+
+# Elements of a weight quantized at once: the fp32 copy and the int64 codes of a slice cost about
+# 24 bytes per element, 6 MiB here, independent of the layer's size.
+QUANT_CHUNK_ELEMENTS = 1 << 18
+
+_NF4_META_SUFFIX = ".quant_state.bitsandbytes__nf4"
+
+
+def quantize_chunked(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                     dtype: Optional[torch.dtype] = None,
+                     chunk_elements: int = QUANT_CHUNK_ELEMENTS) -> NF4Tensor:
+    """``qlora.quant.nf4.quantize(w)`` bit for bit, with temporaries bounded by ``chunk_elements``.
+
+    Slices start at multiples of the blocksize, so every block is scaled and rounded exactly as
+    in one pass; the double quantization needs all block scales and runs once at the end (they are
+    1/blocksize of the weight). ``dtype`` is what the result dequantizes to (default ``w.dtype``).
+    """
+    check_quantizable(w, blocksize)
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    step = max(blocksize, chunk_elements - chunk_elements % blocksize)
+    code = NF4_CODE.to(flat.device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        codes, scales = _blockwise_codes(flat[start:stop].float(), code, blocksize)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), 7)])  # bnb pads an odd count with 0.0 (code 7)
+        codes = codes.to(torch.uint8)
+        packed[start // 2: start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
+        absmax[start // blocksize: start // blocksize + scales.numel()] = scales
+    q = NF4Tensor(packed=packed.view(-1, 1), shape=torch.Size(w.shape), dtype=dtype or w.dtype,
+                  blocksize=blocksize, absmax=absmax, quant_map=code)
+    if double_quant:
+        offset = absmax.mean()
+        nested_map = DYNAMIC_MAP.to(flat.device)
+        absmax_codes, nested_absmax = _blockwise_codes(absmax - offset, nested_map, NESTED_BLOCKSIZE)
+        q.absmax, q.nested_absmax, q.nested_quant_map, q.offset = (
+            absmax_codes.to(torch.uint8), nested_absmax, nested_map, offset)
+    return q
+
+
+def _conv1d_class():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def linear_module_names(model: nn.Module, skip_modules: Iterable[str] = ()) -> list[str]:
+    """Names of the dense ``nn.Linear`` and GPT-2 ``Conv1D`` layers, minus those matching
+    ``skip_modules`` (exact name or dotted suffix) and any whose weight is tied to another module
+    (an output head sharing the input embedding cannot be quantized on its own)."""
+    conv1d = _conv1d_class()
+    tied = _tied_weight_ids(model)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, conv1d)) and not _matches(name, skip_modules)
+            and id(module.weight) not in tied]
+
+
+def _tied_weight_ids(model: nn.Module) -> set[int]:
+    seen, tied = set(), set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                (tied if id(p) in seen else seen).add(id(p))
+    return tied
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _replace_with_nf4(model: nn.Module, name: str, weight: NF4Tensor) -> Linear4bit:
+    """Swap the dense layer ``name`` for a :class:`Linear4bit` holding ``weight``; its bias (loaded
+    or still meta) moves over. A Conv1D's [in, out] weight arrives here already transposed."""
+    old = model.get_submodule(name)
+    new = Linear4bit(weight)
+    if old.bias is not None:
+        new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+    new.fan_in_fan_out = isinstance(old, _conv1d_class())  # export writes the weight back transposed
+    _set_module(model, name, new)
+    return new
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                   skip_modules: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace, in place, every dense linear layer of an in-memory model (see
+    :func:`linear_module_names`) by a :class:`Linear4bit` with its weight in NF4. Each layer's dense
+    weight is freed as soon as it is quantized; the NF4 weight dequantizes to the layer's dtype and
+    stays on the layer's device. Returns ``model``."""
+    for name in linear_module_names(model, skip_modules):
+        old = model.get_submodule(name)
+        w = old.weight.t() if isinstance(old, _conv1d_class()) else old.weight
+        _replace_with_nf4(model, name, quantize_chunked(w, blocksize, double_quant))
+    return model
+
+
+class _Checkpoint:
+    """The safetensors files of a local Hugging Face checkpoint: key -> file, headers only."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from err
+            files = sorted({path / f for f in weight_map.values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors are read"
+                                    + (f"; found {', '.join(found)}" if found else "") + ")")
+        from safetensors import safe_open
+
+        self.handles = {}
+        self.file_of: dict[str, Path] = {}
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index}: lists shard {f.name}, which does not exist")
+            try:
+                self.handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise ValueError(f"{f}: not a readable safetensors file ({err})") from err
+            for key in self.handles[f].keys():
+                self.file_of[key] = f
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handles[self.file_of[key]].get_tensor(key)
+
+
+def _build(config) -> nn.Module:
+    """The class config.json's ``architectures`` names, else the bare ``AutoModel`` of its type."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls(config)
+    return transformers.AutoModel.from_config(config)
+
+
+def _prequantized_weights(ckpt: _Checkpoint) -> set[str]:
+    """Keys of the weights stored in bitsandbytes' NF4 layout (they carry a quant-state blob)."""
+    return {k[: -len(_NF4_META_SUFFIX)] for k in ckpt.file_of if k.endswith(_NF4_META_SUFFIX)}
+
+
+def _resolve_key(key: str, names: set[str], prefix: str) -> Optional[str]:
+    """The model's name for checkpoint key ``key``: the same, or with the base-model prefix
+    (``model.``, ``bert.``, ``transformer.``) added or removed, as between a task head and its base."""
+    if key in names:
+        return key
+    if prefix and f"{prefix}.{key}" in names:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in names:
+        return key[len(prefix) + 1:]
+    return None
+
+
+def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+@torch.no_grad()
+def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = torch.bfloat16,
+               device: Union[str, torch.device, None] = None, blocksize: int = 64, double_quant: bool = True,
+               skip_modules: Iterable[str] = ("lm_head",)):
+    """A transformers model from the local checkpoint ``path`` with its linear layers in NF4.
+
+    Reads ``config.json`` and the safetensors weights (one file, or shards with
+    ``model.safetensors.index.json``). Every ``nn.Linear`` (and GPT-2 ``Conv1D``) weight not named
+    in ``skip_modules`` (exact name or dotted suffix) and not tied to another module becomes a
+    :class:`~qlora.nn.Linear4bit`; everything else is cast to ``compute_dtype``. Weights already in
+    bitsandbytes' 4-bit format are kept as they are. The model is in eval mode with no gradients.
+
+    Memory bound: the model is built on the meta device and materialized one checkpoint tensor at a
+    time, so peak host memory (and device memory, on ``device``) is the loaded model — NF4 linear
+    weights (4.127 bits/param) plus the other tensors in ``compute_dtype`` — plus one checkpoint
+    tensor as stored (twice that on ``device`` when its dtype changes) plus ``QUANT_CHUNK_ELEMENTS``
+    × 24 bytes (6 MiB) of quantization temporaries. The safetensors files are memory-mapped (the
+    pages read count as file cache, not as process memory); every tensor kept is a copy, so the
+    model never refers to the files.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face checkpoint directory)")
+    device = torch.device(device if device is not None else "cpu")
+    config = AutoConfig.from_pretrained(str(path))
+    ckpt = _Checkpoint(path)
+    prequantized = _prequantized_weights(ckpt)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the layers are ours; transformers must not quantize again
+    with init_empty_weights(include_buffers=False):
+        model = _build(config)
+    model.config._name_or_path = str(path)
+    prefix = getattr(model, "base_model_prefix", "")
+    to_quantize = {f"{n}.weight" for n in linear_module_names(model, skip_modules)}
+    names = set(model.state_dict().keys())
+
+    unexpected = []
+    for key in sorted(ckpt.file_of, key=lambda k: (str(ckpt.file_of[k]), k)):
+        if any(key.startswith(w + ".") for w in prequantized if key != w):
+            continue  # NF4 constants, read together with their weight
+        name = _resolve_key(key, names, prefix)
+        if name is None:
+            unexpected.append(key)
+            continue
+        module_name = name.rpartition(".")[0]
+        if key in prequantized:
+            state = {k: ckpt.get(k) for k in ckpt.file_of if k == key or k.startswith(key + ".")}
+            try:
+                weight = NF4Tensor.from_state_dict(state, key)
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"{ckpt.file_of[key]}: {err}") from err
+            _replace_with_nf4(model, module_name, _owned_nf4(weight, device))
+        elif name in to_quantize:
+            tensor = ckpt.get(key)
+            module = model.get_submodule(module_name)
+            _check_shape(key, ckpt, tuple(tensor.shape), tuple(module.weight.shape))
+            if isinstance(module, _conv1d_class()):
+                tensor = tensor.t()
+            weight = quantize_chunked(tensor.to(device), blocksize, double_quant, dtype=compute_dtype)
+            del tensor
+            _replace_with_nf4(model, module_name, weight)
+        else:
+            tensor = ckpt.get(key)
+            current = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
+            _check_shape(key, ckpt, tuple(tensor.shape), tuple(current.shape))
+            dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
+            _put(model, name, _owned(tensor, device, dtype))
+    if unexpected:
+        import warnings
+
+        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensor(s) the model has no place for were "
+                      f"ignored, e.g. {unexpected[:3]}", stacklevel=2)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no tensor for {missing[0]!r}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    for module in model.modules():  # buffers computed at construction (rotary inv_freq, position ids)
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)
+    return model.eval()
+
+
+def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``, in memory of its own: safetensors hands out views of
+    the memory-mapped file, which must not stay inside the model (the file may change later)."""
+    out = tensor.to(device=device, dtype=dtype)
+    return out.clone() if out.data_ptr() == tensor.data_ptr() else out
+
+
+def _owned_nf4(weight: NF4Tensor, device: torch.device) -> NF4Tensor:
+    own = lambda t: None if t is None else _owned(t, device, t.dtype)  # noqa: E731
+    return NF4Tensor(packed=own(weight.packed), shape=weight.shape, dtype=weight.dtype, blocksize=weight.blocksize,
+                     absmax=own(weight.absmax), quant_map=own(weight.quant_map),
+                     nested_absmax=own(weight.nested_absmax), nested_quant_map=own(weight.nested_quant_map),
+                     offset=own(weight.offset), nested_blocksize=weight.nested_blocksize)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    return attr in (model.get_submodule(module_name) if module_name else model)._parameters
+
+
+def _check_shape(key: str, ckpt: _Checkpoint, got: tuple, want: tuple) -> None:
+    if got != want:
+        raise ValueError(f"{ckpt.file_of[key]}: tensor {key!r} has shape {got}, the model built from "
+                         f"config.json expects {want}")

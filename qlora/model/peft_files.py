@@ -1,0 +1,98 @@
+"""PEFT's adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors``, read and
+checked against a model, shared by the LoRA (``qlora.model.adapters``) and AdaLoRA
+(``qlora.adalora.adapter``) loaders. Every error names the file and the key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.model.inject import matches_target, resolve_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def read_config(path: Path) -> dict:
+    """The parsed ``adapter_config.json`` of adapter directory ``path``, unchecked."""
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter directory)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: line {err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def check_config(path: Path, config: dict, peft_type: str, required: tuple[str, ...]) -> None:
+    """Refuse a config of another ``peft_type``, without a ``required`` key, or using a PEFT
+    feature this package does not implement; the error names the file and the key."""
+    file = path / CONFIG_NAME
+    if config.get("peft_type") != peft_type:
+        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; expected {peft_type!r}")
+    for key in required:
+        if config.get(key) is None:
+            raise ValueError(f"{file}: missing key {key!r}")
+    unsupported = {"bias": "none", "lora_bias": False, "layers_to_transform": None, "target_parameters": None,
+                   "use_qalora": False, "trainable_token_indices": None, "layer_replication": None}
+    for key, default in unsupported.items():
+        if config.get(key, default) not in (default, [], {}):
+            raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only {default!r})")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        others = sorted(p.name for p in path.iterdir() if p.name.startswith("adapter_model"))
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}" + (
+            f"; found {', '.join(others)}, but only safetensors files are read (a .bin is a pickle, "
+            f"which can run code when loaded)" if others else ""))
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+
+
+def target_layers(model: nn.Module, path: Path, config: dict) -> list[str]:
+    """The layers of ``model`` that the config's ``target_modules`` select, less ``exclude_modules``."""
+    try:
+        layers = resolve_targets(model, config["target_modules"])
+    except ValueError as err:
+        raise ValueError(f"{path / CONFIG_NAME}: target_modules do not fit the model: {err}") from err
+    excluded = config.get("exclude_modules") or []
+    excluded = [excluded] if isinstance(excluded, str) else excluded
+    return [n for n in layers if not any(matches_target(n, e) for e in excluded)]
+
+
+def check_weights(file: Path, weights: dict[str, torch.Tensor], expected: dict[str, tuple],
+                  target_modules) -> None:
+    """Every tensor's key and shape must be in ``expected`` and every expected key present; the
+    error names the first key that is not."""
+    for key, tensor in weights.items():
+        if key not in expected:
+            raise ValueError(f"{file}: key {key!r} has no matching layer in the model "
+                             f"(target_modules={target_modules!r})")
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{file}: key {key!r} has shape {tuple(tensor.shape)}, the model needs {expected[key]}")
+    for key in expected:
+        if key not in weights:
+            raise ValueError(f"{file}: missing key {key!r} for a layer selected by target_modules")
+
+
+def fill_adapter(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                 trainable_before: list[tuple[torch.Tensor, bool]], trainable: bool) -> None:
+    """Copy checked ``weights`` into a just-added adapter's parameters ``own`` (both by PEFT key),
+    give every other parameter back the flag it had in ``trainable_before`` (adding an adapter
+    freezes them) and make the adapter's parameters ``trainable`` or frozen."""
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+    for param, flag in trainable_before:
+        param.requires_grad_(flag)
+    for param in own.values():
+        param.requires_grad_(trainable)

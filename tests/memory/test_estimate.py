@@ -1,0 +1,225 @@
+"""The memory estimator: hand-computed totals, parameter counts, NF4 bits, published ranges, CLI."""
+import argparse
+import json
+
+import pytest
+import torch
+import transformers
+
+from qlora.cli import memory as memory_cli
+from qlora.memory import estimate as est
+from qlora.model.presets import load_preset
+
+# Config A: Llama, untied, MHA/GQA 4/2 heads, fp32 on the CPU, all-linear LoRA, AdamW, no ckpt.
+CONFIG_A = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "max_position_embeddings": 64, "tie_word_embeddings": False}
+SETUP_A = est.TrainSetup(seq_len=16, batch_size=2, rank=4, optimizer="adamw",
+                         grad_checkpointing=False, compute_bytes=4, lora_bytes=4, device="cpu")
+# Config B: Qwen2 (q/k/v biases), tied embeddings, 4/1 heads, bf16 on CUDA, LoRA on q and v only,
+# paged AdamW, gradient checkpointing.
+CONFIG_B = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 160,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "vocab_size": 100, "max_position_embeddings": 64, "tie_word_embeddings": True}
+SETUP_B = est.TrainSetup(seq_len=8, batch_size=3, rank=2, targets=("q_proj", "v_proj"),
+                         optimizer="paged_adamw", grad_checkpointing=True, compute_bytes=2,
+                         lora_bytes=4, device="cuda")
+
+
+def test_config_a_by_hand():
+    e = est.estimate(CONFIG_A, SETUP_A)
+    # Projection sizes (in x out): q 128x128, k 128x64, v 128x64, o 128x128, gate/up 128x384,
+    # down 384x128 -> 16384 + 8192 + 8192 + 16384 + 3 * 49152 = 196608 weights per layer.
+    assert e.params.quantized_linear == 2 * 196608
+    # 4-bit codes: half a byte per weight.
+    assert e.bytes_of("nf4 base weights") == 2 * 196608 // 2
+    # Constants per layer: absmax uint8 per 64 weights = 196608 / 64 = 3072 bytes;
+    # nested fp32 absmax per 256 blocks: blocks 256,128,128,256,768,768,768 -> 1+1+1+1+3+3+3 = 13
+    # -> 52 bytes; 7 tensors x (16*4 + 256*4 + 4) = 7 x 1092 = 7644 bytes.
+    assert e.bytes_of("nf4 quant constants") == 2 * (3072 + 52 + 7644)
+    # fp32 embedding 256*128 + lm_head 256*128 + 5 norms of 128 = 66176 params.
+    assert e.bytes_of("16-bit params") == 4 * (32768 + 32768 + 640)
+    # LoRA r*(in+out): q 4*256, k 4*192, v 4*192, o 4*256, gate/up/down 4*512 -> 9728 per layer.
+    assert e.bytes_of("lora params") == 4 * 2 * 9728
+    assert e.bytes_of("lora grads") == 4 * 2 * 9728
+    assert e.bytes_of("optimizer states") == 8 * 2 * 9728          # fp32 m and v
+    # Saved bytes per token (a = 4, r = 4):
+    #   layer 0: normed input 512, LoRA A.x of q,k,v 3*16, q 512 + k 256 + v 256 + out 512 +
+    #            logsumexp 16, A.x of o 16, MLP norm 4*128+4 = 516, normed 512, 4*4*384 = 6144,
+    #            A.x of gate/up/down 3*16                                          = 9348
+    #   layer 1: the same plus the attention norm 516                             = 9864
+    #   final norm 516; N = 32 tokens; rotary cos+sin 2 * 4 * 16 * 32 = 4096
+    layer0 = 512 + 48 + 512 + 256 + 256 + 512 + 16 + 16 + 516 + 512 + 6144 + 48
+    assert layer0 == 9348
+    assert e.bytes_of("activations") == 32 * (layer0 + (layer0 + 516) + 516) + 4096
+    # Logits fp32 (no upcast copy) 4*256 + log_softmax 4*256 + int64 label 8, per token; one fp32
+    # scalar saved by the loss normalization.
+    assert e.bytes_of("logits and loss") == 32 * (1024 + 1024 + 8) + 4
+    # max(8V = 2048, 3*4*384 + 2*4*128 = 5632) per token.
+    assert e.bytes_of("backward transients") == 32 * 5632
+    assert e.bytes_of("dequant workspace") == 4 * 49152
+    assert e.bytes_of("cuda context") == 0
+    total = (196608 + 21536 + 264704 + 77824 + 77824 + 155648 + (32 * 19728 + 4096)
+             + 65796 + 180224 + 196608)
+    assert e.gpu_bytes == total
+    assert e.host_bytes == 0
+
+
+def test_config_b_by_hand():
+    e = est.estimate(CONFIG_B, SETUP_B)
+    # Projections: q 64x64, k 64x16, v 64x16, o 64x64, gate/up 64x160, down 160x64 -> 40960/layer.
+    assert e.params.quantized_linear == 3 * 40960
+    assert e.bytes_of("nf4 base weights") == 3 * 20480
+    # absmax: 40960/64 = 640 bytes; nested: 7 tensors of <= 256 blocks -> 7 * 4 = 28; 7 * 1092.
+    assert e.bytes_of("nf4 quant constants") == 3 * (640 + 28 + 7644)
+    # bf16: embedding 100*64 (lm_head tied), 7 norms of 64, Qwen2 q/k/v biases 64+16+16 per layer.
+    assert e.bytes_of("16-bit params") == 2 * (6400 + 448 + 3 * 96)
+    # LoRA on q (2*(64+64) = 256) and v (2*(64+16) = 160).
+    assert e.bytes_of("lora params") == 4 * 3 * 416
+    # Paged AdamW: A_q 128, B_q 128, A_v 128, B_v 32 elements, each padded to 256 -> 3072 padded
+    # elements; a page holds 8 MiB / (2*4*256 bytes per block) * 256 = 1048576 -> one page of 8 MiB.
+    assert e.bytes_of("optimizer states") == 8 * 2**20
+    # Checkpointing: layer inputs N*a*h*L = 24*2*64*3 = 9216; final norm 24 * (4*64+4) = 6240;
+    # rotary 2 * 2 * 8 * 16 = 512.
+    assert e.bytes_of("activations") == 9216 + 6240 + 512
+    # Recomputed layer (layer 1 or 2, input needs grad), per token: norm 260, normed 128,
+    # A.x of q and v 2*2*2 = 8, q 128 + k 32 + v 32 + out 128 + logsumexp 16, MLP norm 260,
+    # normed 128, 4*2*160 = 1280  -> 2400.
+    assert e.bytes_of("recomputed layer") == 24 * (260 + 128 + 8 + 336 + 260 + 128 + 1280)
+    # bf16 logits 200 + fp32 upcast 400 + log_softmax 400 + label 8.
+    assert e.bytes_of("logits and loss") == 24 * 1008 + 4
+    # max(8*100, 3*2*160 + 2*2*64 = 1216).
+    assert e.bytes_of("backward transients") == 24 * 1216
+    assert e.bytes_of("dequant workspace") == 2 * 10240
+    assert e.bytes_of("cuda context") == 512 * 2**20
+    total = (61440 + 24936 + 14272 + 4992 + 4992 + 8388608 + 15968 + 57600 + 24196 + 29184
+             + 20480 + 536870912)
+    assert e.gpu_bytes == total
+
+
+def test_offload_moves_the_checkpoints_to_the_host():
+    on_gpu = est.estimate(CONFIG_B, SETUP_B)
+    offloaded = est.estimate(CONFIG_B, est.TrainSetup(**{**vars(SETUP_B), "offload_checkpoints": True}))
+    kept = 24 * 2 * 64 * 3
+    assert offloaded.host_bytes == kept
+    assert offloaded.bytes_of("activations") == on_gpu.bytes_of("activations") - kept
+    assert offloaded.bytes_of("checkpoint in flight") == 24 * 2 * 64
+
+
+def test_chunked_loss_replaces_the_logits_by_one_chunk():
+    full = est.estimate(CONFIG_B, SETUP_B)
+    chunked = est.estimate(CONFIG_B, est.TrainSetup(**{**vars(SETUP_B), "chunked_loss": True}))
+    N, a, h, V = 24, 2, 64, 100
+    assert full.bytes_of("logits and loss") == N * (a * V + 4 * V + 4 * V + 8) + 4
+    # dL/dhidden kept from the forward, fp32 loss and int64 labels per token; 24 tokens < one chunk
+    assert chunked.bytes_of("loss (chunked)") == N * (a * h + 4 + 8) + 4
+    assert chunked.bytes_of("logits chunk") == N * a * V
+    # at 7B and 32k tokens the [tokens, vocab] logits dominate; chunking must remove GBs
+    setup = est.TrainSetup(seq_len=32768)
+    llama = load_preset("llama-2-7b")
+    saved = est.estimate(llama, setup).gpu_bytes - est.estimate(llama, est.TrainSetup(seq_len=32768,
+                                                                                         chunked_loss=True)).gpu_bytes
+    assert saved > 8 * est.GB
+
+
+@pytest.mark.parametrize("config", [CONFIG_A, CONFIG_B, load_preset("llama-2-70b"),
+                                    load_preset("qwen2.5-7b"), load_preset("llama-3.1-8b")],
+                         ids=["A", "B", "llama-2-70b", "qwen2.5-7b", "llama-3.1-8b"])
+def test_param_counts_match_the_meta_model(config):
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    arch = est.Architecture.from_config(config)
+    counts = est.count_params(arch, est.TrainSetup())
+    projections = sum(m.weight.numel() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in est.ALL_LINEAR)
+    assert counts.quantized_linear == projections
+    assert counts.base_total == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_count_matches_peft():
+    peft = pytest.importorskip("peft")
+    hf_config = transformers.AutoConfig.for_model(**CONFIG_A)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=list(est.ALL_LINEAR)))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert est.count_params(est.Architecture.from_config(CONFIG_A), SETUP_A).lora == trainable
+
+
+def test_nf4_is_4_127_bits_per_quantized_parameter():
+    n = 4096 * 4096
+    codes, constants = est.nf4_bytes(n)
+    per_block_bits = 8 * (codes + constants - est.NF4_TENSOR_CONSTANT_BYTES) / n
+    assert per_block_bits == 4 + 8 / 64 + 32 / (64 * 256)
+    assert round(per_block_bits, 3) == 4.127
+    e = est.estimate(load_preset("llama-7b"), est.TrainSetup())
+    bits = 8 * (e.bytes_of("nf4 base weights") + e.bytes_of("nf4 quant constants"))
+    assert round(bits / e.params.quantized_linear, 3) == 4.127
+
+
+def test_nf4_bytes_match_a_quantized_tensor():
+    from qlora.quant import nf4
+    w = torch.randn(96, 200)   # 19200 weights: 300 blocks of 64, 2 nested blocks (one partial)
+    q = nf4.quantize(w, blocksize=64, double_quant=True)
+    codes, constants = est.nf4_bytes(w.numel())
+    assert q.packed.numel() * q.packed.element_size() == codes
+    stored = sum(t.numel() * t.element_size() for t in
+                 (q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset.reshape(1)))
+    assert stored == constants
+
+
+def test_7b_lands_in_the_published_ranges():
+    """Published 7B figures: full 16-bit AdamW ~112-122 GB (no checkpointing), 16-bit LoRA
+    ~16-38 GB depending on activations, QLoRA ~5-9 GB (with checkpointing, as in the paper)."""
+    rows = {r["method"].split()[0]: r for r in est.comparison(load_preset("llama-7b"), est.TrainSetup())}
+    assert 112 <= rows["full"]["without_checkpointing"] / est.GB <= 122
+    assert 16 <= rows["LoRA"]["with_checkpointing"] / est.GB <= 38
+    assert 16 <= rows["LoRA"]["without_checkpointing"] / est.GB <= 38
+    assert 5 <= rows["QLoRA"]["with_checkpointing"] / est.GB <= 9
+
+
+def test_largest_fit_is_the_boundary():
+    config, setup, budget = load_preset("llama-7b"), est.TrainSetup(batch_size=2), 24 * est.GB
+    fit = est.largest_fit(config, setup, budget)
+    seq, batch = fit["max_seq_len"], fit["max_batch_size"]
+    assert seq > 0 and batch > 0
+
+    def total(**change):
+        return est.estimate(config, est.TrainSetup(**{**vars(setup), **change})).gpu_bytes
+
+    assert total(seq_len=seq) <= budget < total(seq_len=seq + 1)
+    assert total(batch_size=batch) <= budget < total(batch_size=batch + 1)
+    assert est.largest_fit(load_preset("llama-2-70b"), setup, budget)["max_seq_len"] == 0
+
+
+def test_bad_setup_is_named():
+    with pytest.raises(ValueError, match="qkv_proj"):
+        est.TrainSetup(targets=("qkv_proj",))
+    with pytest.raises(ValueError, match="optimizer 'sgd'"):
+        est.TrainSetup(optimizer="sgd")
+    with pytest.raises(ValueError, match="offload_checkpoints needs grad_checkpointing"):
+        est.TrainSetup(grad_checkpointing=False, offload_checkpoints=True)
+    with pytest.raises(ValueError, match="missing key 'vocab_size'"):
+        est.estimate({k: v for k, v in CONFIG_A.items() if k != "vocab_size"}, est.TrainSetup())
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    memory_cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_json_and_table(capsys, tmp_path):
+    assert _cli(["memory", "estimate", "--model", "llama-7b", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True and data["largest_fit"]["max_seq_len"] > 2048
+    assert data["total_gpu_bytes"] == sum(c["bytes"] for c in data["components"] if c["device"] == "gpu")
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_A))
+    assert _cli(["memory", "estimate", "--model", str(tmp_path), "--no-grad-checkpointing",
+                 "--optimizer", "adamw", "--gpu-gb", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "nf4 quant constants" in out and "full fine-tune" in out
+    (tmp_path / "bad.json").write_text("{\n  \"hidden_size\": 12,\n}")
+    with pytest.raises(ValueError, match=r"bad.json:3: not valid JSON"):
+        _cli(["memory", "estimate", "--model", str(tmp_path / "bad.json")])

@@ -1,0 +1,95 @@
+"""The training config: QLoRA defaults, YAML and --set, errors naming the key and the value."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.cli import main
+from qlora.train.config import Config, apply_override, dump_config, load_config, valid_keys
+
+
+def test_defaults_are_the_qlora_recipe():
+    cfg = Config()
+    assert (cfg.quant.enabled, cfg.quant.double_quant, cfg.quant.compute_dtype) == (True, True, "bfloat16")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16.0, 0.05)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (2e-4, "constant", 0.03)
+    assert (cfg.train.max_grad_norm, cfg.optim.name) == (0.3, "paged_adamw")
+    assert {k.split(".")[0] for k in valid_keys()} == {
+        "model", "lora", "quant", "data", "train", "optim", "checkpoint", "logging"}
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    # "2e-4" without a dot is a string to YAML 1.1; the float field still takes it.
+    path.write_text("lora:\n  r: 8\noptim:\n  lr: 2e-4\n  schedule: cosine\n"
+                    "data:\n  packing: true\n")
+    cfg = load_config(str(path), ["lora.r=4", "optim.lora_plus_ratio=16", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.lora.r == 4 and cfg.optim.lr == 2e-4 and cfg.optim.schedule == "cosine"
+    assert cfg.data.packing is True and cfg.optim.lora_plus_ratio == 16.0
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    # the dump reads back to the same config
+    assert load_config(None, base=yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora:\n  rank: 8\n", "unknown key 'lora.rank'; did you mean 'lora.r'?"),
+    ("optimizer:\n  lr: 1\n", "unknown section 'optimizer'; did you mean 'optim'?"),
+    ("lora:\n  r: eight\n", "lora.r: expected int, got 'eight'"),
+    ("lora:\n  r: 2.5\n", "lora.r: expected int, got 2.5"),
+    ("lora:\n  r: 0\n", "lora.r: must be >= 1, got 0"),
+    ("optim:\n  lr: -1\n", "optim.lr: must be > 0, got -1.0"),
+    ("lora:\n  dropout: 1.5\n", "lora.dropout: must be <= 0.999, got 1.5"),
+    ("optim:\n  schedule: step\n", "optim.schedule: 'step' is not one of constant, linear, cosine"),
+    ("data:\n  packing: yes please\n", "data.packing: expected bool, got 'yes please'"),
+    ("lora: 8\n", "'lora' must be a section holding key: value pairs, got 8"),
+])
+def test_bad_yaml_names_file_key_and_value(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_bad_override_names_key_and_value():
+    with pytest.raises(ValueError, match=r"^--set: unknown key 'train.max_step'; did you mean "
+                                         r"'train.max_steps'\?$"):
+        apply_override(Config(), "train.max_step=10")
+    with pytest.raises(ValueError, match=r"^--set: optim.lr: expected float, got 'fast'$"):
+        apply_override(Config(), "optim.lr=fast")
+    with pytest.raises(ValueError, match="expected section.key=value"):
+        apply_override(Config(), "lr")
+
+
+def test_cli_print_config_and_error(capsys):
+    assert main(["train", "--print-config", "--set", "lora.r=4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lora"]["r"] == 4
+    assert printed["model"]["name_or_path"] == "builtin:tiny-llama"  # the built-in run
+    assert main(["train", "--print-config", "--set", "lora.alpah=4"]) == 2
+    assert "did you mean 'lora.alpha'?" in capsys.readouterr().err
+
+
+def test_cli_set_takes_several_assignments(capsys):
+    assert main(["train", "--print-config", "--set", "lora.r=4", "optim.lr=1e-3",
+                 "--set", "train.max_steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["lora"]["r"], printed["optim"]["lr"], printed["train"]["max_steps"]) == (4, 1e-3, 7)
+    # a config file after --set would be read as an assignment: say so
+    assert main(["train", "--print-config", "--set", "lora.r=4", "run.yaml"]) == 2
+    assert "the config file goes before --set" in capsys.readouterr().err
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "llama-2-7b.yaml", "llama-2-70b.yaml"])
+def test_example_configs_load(name):
+    cfg = load_config(str(EXAMPLES / name))
+    assert cfg.quant.enabled and cfg.optim.name == "paged_adamw"
+
+
+def test_tiny_example_is_the_builtin_run():
+    from qlora.cli.train import resolve_config
+
+    assert load_config(str(EXAMPLES / "tiny.yaml")) == resolve_config(None, [])
