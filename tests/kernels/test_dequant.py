@@ -12,9 +12,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 class BnbNF4:
     """The NF4Tensor fields, filled from bitsandbytes' own quantizer (a second implementation)."""
 
-    def __init__(self, w: torch.Tensor):
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        self.packed, self.shape, self.blocksize, self.bnb_state = packed, tuple(w.shape), 64, state
+    def __init__(self, w: torch.Tensor, blocksize: int = 64):
+        packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+        self.packed, self.shape, self.blocksize, self.bnb_state = packed, tuple(w.shape), blocksize, state
         self.absmax, self.quant_map, self.offset = state.absmax, state.code, state.offset
         self.nested_absmax, self.nested_quant_map = state.state2.absmax, state.state2.code
         self.nested_blocksize = state.state2.blocksize
@@ -34,10 +34,11 @@ def test_code_book_is_bitsandbytes_nf4():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(64, 64), (192, 320), (320, 192)])
-def test_dequantize_matches_format(shape, dtype):
+# (32, 96) at blocksize 32: 1536 packed bytes, less than one program of 2048, so the program is masked
+@pytest.mark.parametrize("shape,blocksize", [((64, 64), 64), ((32, 96), 32), ((192, 320), 64), ((384, 256), 128)])
+def test_dequantize_matches_format(shape, blocksize, dtype):
     torch.manual_seed(0)
-    weight = BnbNF4(torch.randn(shape, dtype=dtype).to(DEVICE))
+    weight = BnbNF4(torch.randn(shape, dtype=dtype).to(DEVICE), blocksize)
     ref = weight.dequantize_fp32()
     buffer = torch.full((shape[0] * shape[1] + 100,), float("nan"), dtype=dtype, device=DEVICE)
     out = nf4_dequantize(weight, buffer)
@@ -63,3 +64,9 @@ def test_dequantize_rejects_bad_input():
     weight.shape = (64, 96)
     with pytest.raises(ValueError, match="multiples of the quantization blocksize 64"):
         nf4_dequantize(weight, torch.empty(64 * 96, dtype=torch.bfloat16, device=DEVICE))
+    weight.shape, weight.blocksize = (64, 64), 16
+    with pytest.raises(ValueError, match="blocksize must be a multiple of 32"):
+        nf4_dequantize(weight, torch.empty(64 * 64, dtype=torch.bfloat16, device=DEVICE))
+    weight.blocksize, weight.packed = 64, torch.empty(64 * 32 + 1, dtype=torch.uint8, device=DEVICE)[1:]
+    with pytest.raises(ValueError, match="packed must be 4-byte aligned"):
+        nf4_dequantize(weight, torch.empty(64 * 64, dtype=torch.bfloat16, device=DEVICE))
