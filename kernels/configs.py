@@ -62,16 +62,24 @@ _BWD_DX = {
     ],
 }
 
-# Split-K GEMV for M <= 16: Y^T tile [BLOCK_N, 16]; SPLIT_K programs share one output tile so that
-# even N = 1024 puts several programs on every SM and the 4-bit stream saturates HBM.
+# Split-K GEMV for M <= 16: Y^T tile [BLOCK_N, M]; SPLIT_K programs share one output tile so that
+# even N = 1024 puts several programs on every SM and the 4-bit stream saturates HBM. MMA_COLS: the
+# MMA's column count (see nf4_gemv.py: spare columns carry absmax blocks). sm_90: 16, the smallest
+# N for which both Triton 3.6 and 3.9 pick wgmma with the operand layout the kernel's k permutation
+# assumes (at N = 8 Triton 3.6 falls back to mma.sync with a different one); sm_80: 8. 128 weights
+# per thread per tile: at 256 Triton 3.9's ptxas spills (measured with the sm_90 inspector, 2026-11-29).
 _GEMV = {
-    arch: [
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
-        _cfg(4, 4, BLOCK_N=32, BLOCK_K=128, SPLIT_K=8),
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, SPLIT_K=8),
-    ]
-    for arch in ("sm_80", "sm_90")
+    "sm_90": [
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, MMA_COLS=16, SPLIT_K=1),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, MMA_COLS=16, SPLIT_K=4),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, MMA_COLS=16, SPLIT_K=8),
+        _cfg(4, 4, BLOCK_N=128, BLOCK_K=128, MMA_COLS=16, SPLIT_K=4),
+    ],
+    "sm_80": [
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, MMA_COLS=8, SPLIT_K=1),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, MMA_COLS=8, SPLIT_K=4),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_K=256, MMA_COLS=8, SPLIT_K=8),
+    ],
 }
 
 # LoRA down-projection S = X_d . A^T (memory-bound on X; one R tile covers r <= 128).
@@ -90,7 +98,7 @@ CONFIGS = {"nf4_lora_linear_fwd": _FWD, "nf4_lora_linear_bwd_dx": _BWD_DX, "nf4_
 _INTERPRET = {
     "nf4_lora_linear_fwd": [_cfg(4, 1, BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, GROUP_N=4)],
     "nf4_lora_linear_bwd_dx": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=4)],
-    "nf4_gemv_lora": [_cfg(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)],
+    "nf4_gemv_lora": [_cfg(4, 1, BLOCK_N=32, BLOCK_K=128, MMA_COLS=8, SPLIT_K=2)],
     "lora_a": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64)],
 }
 

@@ -252,7 +252,8 @@ def nf4_kernel_args(weight):
         nested_block = weight.nested_blocksize
     else:
         # unused by the kernel when DOUBLE_QUANT is False; any fp32 tensor keeps the signature
-        nested_absmax = nested_map = offset = weight.quant_map
+        nested_absmax = nested_map = weight.quant_map
+        offset = weight.quant_map[:1]
         nested_block = 256
     offset = offset.reshape(1).to(torch.float32)
     tensors = (weight.packed, weight.absmax, nested_absmax, nested_map, offset)
@@ -286,5 +287,7 @@ def nf4_dequantize(weight, out: torch.Tensor) -> torch.Tensor:
     out = out.view(-1)[: n * k]
     n_bytes = n * k // 2
     grid = (triton.cdiv(n_bytes, DEQUANT_BLOCK_BYTES),)
-    nf4_dequantize_kernel[grid](*tensors, out, n_bytes, BLOCK_BYTES=DEQUANT_BLOCK_BYTES, num_warps=DEQUANT_NUM_WARPS, **consts)
+    # no FMA contraction: the absmax is a rounded multiply then a rounded add, as in bitsandbytes
+    nf4_dequantize_kernel[grid](*tensors, out, n_bytes, BLOCK_BYTES=DEQUANT_BLOCK_BYTES, num_warps=DEQUANT_NUM_WARPS,
+                                enable_fp_fusion=False, **consts)
     return out.view(n, k)

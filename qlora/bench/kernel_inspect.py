@@ -63,7 +63,7 @@ def kernel_specs(dtype: str = "bf16") -> list:
         KernelSpec("nf4_gemv_lora", nf4_gemv_lora_kernel,
                    {"x_ptr": act, **_W0_POINTERS, "s_ptr": act, "b_ptr": act, "bias_ptr": act, "y_ptr": act,
                     "partial_ptr": "*fp32", "counter_ptr": "*i32"},
-                   {**lora, "HAS_BIAS": True, **_W0_CONSTS}),
+                   {**lora, "HAS_BIAS": True, **_W0_CONSTS, "M_PAD": 1}),
         KernelSpec("lora_a", lora_a_kernel, {"x_ptr": act, "a_ptr": act, "s_ptr": act, "seed_ptr": "*i64"},
                    {"APPLY_DROPOUT": True, "BLOCK_R": 16, "UPCAST_DOT": False}),
     ]
