@@ -50,14 +50,21 @@ struct AbsmaxView {
     int64_t nested_blocksize;         // 256 in bitsandbytes
 };
 
-// The fp32 scale of block `block`. Pointer loads go through plain dereferences so the same code runs
-// on the host; on the device these tables are small and read-only, so they stay in L1.
-QLORA_HD float decode_absmax(const AbsmaxView& view, int64_t block) {
+// The fp32 scale of block `block`, whose nested block is `nested_block` (= block / nested_blocksize;
+// a caller in a loop passes a shift instead of paying for a 64-bit division). Pointer loads go through
+// plain dereferences so the same code runs on the host; on the device these tables are small and
+// read-only, so they stay in L1.
+QLORA_HD float decode_absmax_at(const AbsmaxView& view, int64_t block, int64_t nested_block) {
     if (view.absmax_u8 == nullptr) {
         return view.absmax_f32[block];
     }
-    return mul_then_add_rn(view.nested_quant_map[view.absmax_u8[block]],
-                           view.nested_absmax[block / view.nested_blocksize], view.offset[0]);
+    return mul_then_add_rn(view.nested_quant_map[view.absmax_u8[block]], view.nested_absmax[nested_block],
+                           view.offset[0]);
+}
+
+QLORA_HD float decode_absmax(const AbsmaxView& view, int64_t block) {
+    // nested_blocksize is 0 without double quantization
+    return decode_absmax_at(view, block, view.absmax_u8 != nullptr ? block / view.nested_blocksize : 0);
 }
 
 // The 4-bit code of flat element i, read byte by byte (any alignment, any i).
@@ -66,12 +73,17 @@ QLORA_HD int code_at(const uint8_t* packed, int64_t i) {
     return (i & 1) ? (byte & 0xF) : (byte >> 4);
 }
 
-// The 4-bit code of element e (0..7) of the 8 elements packed in a 32-bit word that was loaded from
-// memory as part of a 128-bit load. The word is little-endian: memory byte j of the word is bits
+// Where element e (0..7) of the 8 elements packed in a 32-bit word sits, for a word that was loaded
+// from memory as part of a 128-bit load. The word is little-endian: memory byte j of the word is bits
 // [8j, 8j+8), and holds elements 2j (high nibble) and 2j+1 (low nibble). Hence element e lives at
 // bit 8*(e/2) + 4*(1 - e%2).
+QLORA_HD int code_shift(int e) {
+    return 8 * (e >> 1) + 4 * (1 - (e & 1));
+}
+
+// The 4-bit code of element e of a packed word.
 QLORA_HD int code_in_word(uint32_t word, int e) {
-    return (word >> (8 * (e >> 1) + 4 * (1 - (e & 1)))) & 0xF;
+    return (word >> code_shift(e)) & 0xF;
 }
 
 // Decode the 8 elements of one packed word into fp32: out[e] = lookup(code_e) * scale.

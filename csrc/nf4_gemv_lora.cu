@@ -15,21 +15,27 @@
 // - A warp owns R consecutive output rows. Lane l reads 32-element chunks (16 bytes, one 128-bit
 //   load per row) at k = l*32, l*32 + 1024, ...: the warp's loads for one row cover 512 contiguous
 //   bytes, fully coalesced. The loads use the evict-first cache hint because each weight byte is
-//   used exactly once, while x is reread by every warp and should stay in L1.
+//   used exactly once, while x is reread by every warp and should stay in L1. The next chunk's loads
+//   are issued before the current chunk's math, so 2R 128-bit loads per lane are in flight.
 // - K % 32 == 0 makes every row start on a 16-byte boundary and puts each chunk inside a single
-//   absmax block (its flat start is a multiple of 32 and blocksize a multiple of 32), so the
-//   double-quantized scale is decoded once per chunk and row, not once per element.
+//   absmax block (its flat start is a multiple of 32 and blocksize a multiple of 32). The chunk's
+//   products are summed unscaled and multiplied by the block's scale once: one multiply-add per
+//   chunk and row instead of one multiply per weight. blocksize and nested_blocksize are powers of
+//   two, so the block indices are shifts: the loop has no integer division.
 // - Code lookup is a warp shuffle: lane l holds quant_map[l % 16] in a register and a code c is
-//   resolved by reading lane c's register. This keeps the table out of memory (no bank conflicts,
-//   no local-memory spill of a dynamically indexed register array). A shuffle needs every lane, so
-//   the K loop is warp-uniform and lanes past the end of a row decode zeros.
-// - Each decoded weight is reused for all M rows of x, and each x value (converted to fp32 once per
-//   8 elements) for all R rows of W: R trades registers for fewer re-reads of x from L1.
+//   resolved by reading lane c's register within the half-warp (width 16, which ignores the bits
+//   above the code, so a code costs one shift and one SHFL). This keeps the table out of memory (no
+//   bank conflicts, no local-memory spill of a dynamically indexed register array). A shuffle needs
+//   every lane, so the K loop is warp-uniform; a lane past the end of a row redoes the row's last
+//   chunk and drops the result.
+// - Each looked-up weight is reused for all M rows of x, and each x value (converted to fp32 once
+//   per 8 elements) for all R rows of W: R trades registers for fewer conversions of x.
 // - Epilogue: each lane adds its strided part of t[m, :] . B[n, :] to its partial sum before the
 //   warp reduction, so the LoRA term costs no extra reduction. After a butterfly reduction every
 //   lane holds every sum, and the M*R stores are spread over lanes.
-// Not measured on a GPU yet: no performance claim is made here. Split-K (for N too small to fill the
-// GPU) is not implemented.
+// Predicted from the sm_90 SASS (README): about 3.8 instructions per weight at M = 1 (was 9.4); M
+// fused multiply-adds per weight at larger M. Not measured on a GPU yet. Split-K (for N too small to
+// fill the GPU) is not implemented.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -106,15 +112,41 @@ lora_down_kernel(const T* __restrict__ x,       // [M, K]
     }
 }
 
+// NF4_CODE_VALUES[c] for the code c in bits 0..3 of `shifted_word`: lane l holds quant_map[l % 16] in
+// `table_entry`, and c is read from lane c of the caller's half-warp (width 16), which ignores bits 4
+// and up of the lane index, so a code costs one shift and one SHFL and needs no mask.
+__device__ __forceinline__ float shuffle_code_value(float table_entry, uint32_t shifted_word) {
+    return __shfl_sync(kFullMask, table_entry, static_cast<int>(shifted_word), 16);
+}
+
+// One chunk per row: the lane's 32 elements at k = base + 32 * lane (16 packed bytes, one 128-bit
+// load) and their absmax, one per chunk. A lane past the end of a row reloads the row's last chunk
+// (branch-free; the caller drops its result).
+template <int R, bool kDoubleQuant>
+__device__ __forceinline__ void load_chunk(const uint8_t* __restrict__ packed, const AbsmaxView& absmax,
+                                           const int64_t (&row_start)[R], int blocksize_shift, int nested_shift,
+                                           int64_t K, int64_t base, int lane, uint4 (&q)[R], float (&scale)[R]) {
+    const int64_t k0 = min(base + lane * kChunk, K - kChunk);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int64_t flat = row_start[i] + k0;
+        const int64_t block = flat >> blocksize_shift;
+        q[i] = __ldcs(reinterpret_cast<const uint4*>(packed + (flat >> 1)));
+        scale[i] = kDoubleQuant ? decode_absmax_at(absmax, block, block >> nested_shift) : absmax.absmax_f32[block];
+    }
+}
+
 // y = x W^T (+ t B^T); see the file comment. MT >= M rows of x (compile-time for register arrays),
-// R rows of W per warp.
-template <class T, int MT, int R>
+// R rows of W per warp; kDoubleQuant: absmax is uint8 codes. blocksize and nested_blocksize are powers
+// of two, passed as shifts: the loop has no integer division.
+template <class T, int MT, int R, bool kDoubleQuant>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 nf4_gemv_lora_kernel(const T* __restrict__ x,            // [M, K]
                      const uint8_t* __restrict__ packed,  // [N * K / 2] two codes per byte
                      AbsmaxView absmax,                   // per-block scales, see nf4_format.h
                      const float* __restrict__ quant_map, // [16] code -> value
-                     int64_t blocksize,                   // elements per absmax block
+                     int blocksize_shift,                 // log2(elements per absmax block)
+                     int nested_shift,                    // log2(absmax blocks per nested block)
                      int M, int64_t N, int64_t K,
                      const float* __restrict__ t,         // [M, r] fp32 = s x A^T, or null
                      const T* __restrict__ lora_B,        // [N, r], or null
@@ -128,34 +160,38 @@ nf4_gemv_lora_kernel(const T* __restrict__ x,            // [M, K]
     }
     // Rows past N (last warp) read row N-1 again and are not stored: keeps loads branch-free.
     int64_t rows[R];
+    int64_t row_start[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
         rows[i] = row0 + i < N ? row0 + i : N - 1;
+        row_start[i] = rows[i] * K;
     }
     const float table_entry = quant_map[lane & 15];
-    auto lookup = [&](int code) { return __shfl_sync(kFullMask, table_entry, code); };
 
     float acc[MT][R] = {};
+    uint4 q[R];
+    float scale[R];
+    load_chunk<R, kDoubleQuant>(packed, absmax, row_start, blocksize_shift, nested_shift, K, 0, lane, q, scale);
     for (int64_t base = 0; base < K; base += 32 * kChunk) {
-        // ---- load the packed weights: one 128-bit load per row, and the chunk's scale ----
-        const int64_t k0 = base + lane * kChunk;
-        const bool valid = k0 < K;
-        uint4 q[R];
-        float scale[R];
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-            const int64_t flat = rows[i] * K + k0;
-            q[i] = valid ? __ldcs(reinterpret_cast<const uint4*>(packed + flat / 2))
-                         : make_uint4(0, 0, 0, 0);
-            scale[i] = valid ? decode_absmax(absmax, flat / blocksize) : 0.0f;
+        // ---- the next chunk's loads go out before this chunk's math: two per row in flight ----
+        uint4 q_next[R];
+        float scale_next[R];
+        if (base + 32 * kChunk < K) {  // warp-uniform
+            load_chunk<R, kDoubleQuant>(packed, absmax, row_start, blocksize_shift, nested_shift, K,
+                                        base + 32 * kChunk, lane, q_next, scale_next);
         }
-        // ---- dequantize 8 elements at a time and accumulate against every row of x ----
+        // a lane past the end of the row works on the row's last chunk again and drops the result
+        const bool valid = base + lane * kChunk < K;
+        const int64_t k0 = min(base + lane * kChunk, K - kChunk);
+
+        // ---- unscaled products of the chunk, 8 elements at a time, against every row of x ----
+        float part[MT][R] = {};
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
             float xv[MT][8];
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                if (valid && m < M) {
+                if (m < M) {
                     load8_as_float(x + m * K + k0 + 8 * w, xv[m]);
                 } else {
 #pragma unroll
@@ -167,16 +203,26 @@ nf4_gemv_lora_kernel(const T* __restrict__ x,            // [M, K]
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 const uint32_t word = w == 0 ? q[i].x : w == 1 ? q[i].y : w == 2 ? q[i].z : q[i].w;
-                float wv[8];
-                decode_word(word, scale[i], lookup, wv);
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
+                for (int e = 0; e < 8; ++e) {
+                    const float value = shuffle_code_value(table_entry, word >> code_shift(e));
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        acc[m][i] = fmaf(xv[m][e], wv[e], acc[m][i]);
+                    for (int m = 0; m < MT; ++m) {
+                        part[m][i] = fmaf(xv[m][e], value, part[m][i]);
                     }
                 }
             }
+        }
+        // ---- the absmax once per chunk and row, not once per element ----
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            const float chunk_scale = valid ? scale[i] : 0.0f;
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                acc[m][i] = fmaf(chunk_scale, part[m][i], acc[m][i]);
+            }
+            q[i] = q_next[i];
+            scale[i] = scale_next[i];
         }
     }
     // ---- epilogue: LoRA term, warp reduction, store ----
@@ -208,18 +254,24 @@ nf4_gemv_lora_kernel(const T* __restrict__ x,            // [M, K]
 
 template <class T, int MT, int R>
 void launch_main(const void* x, const uint8_t* packed, AbsmaxView absmax, const float* quant_map,
-                 int64_t blocksize, int M, int64_t N, int64_t K, const float* t,
+                 int blocksize_shift, int nested_shift, int M, int64_t N, int64_t K, const float* t,
                  const void* lora_B, int64_t r, void* y, cudaStream_t stream) {
     const int64_t rows_per_block = static_cast<int64_t>(kWarpsPerBlock) * R;
     const dim3 grid(static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block));
-    nf4_gemv_lora_kernel<T, MT, R><<<grid, kThreadsPerBlock, 0, stream>>>(
-        static_cast<const T*>(x), packed, absmax, quant_map, blocksize, M, N, K, t,
-        static_cast<const T*>(lora_B), r, static_cast<T*>(y));
+    if (absmax.absmax_u8 != nullptr) {
+        nf4_gemv_lora_kernel<T, MT, R, true><<<grid, kThreadsPerBlock, 0, stream>>>(
+            static_cast<const T*>(x), packed, absmax, quant_map, blocksize_shift, nested_shift, M, N, K, t,
+            static_cast<const T*>(lora_B), r, static_cast<T*>(y));
+    } else {
+        nf4_gemv_lora_kernel<T, MT, R, false><<<grid, kThreadsPerBlock, 0, stream>>>(
+            static_cast<const T*>(x), packed, absmax, quant_map, blocksize_shift, nested_shift, M, N, K, t,
+            static_cast<const T*>(lora_B), r, static_cast<T*>(y));
+    }
 }
 
 template <class T>
-cudaError_t launch_typed(const void* x, const uint8_t* packed, AbsmaxView absmax,
-                         const float* quant_map, int64_t blocksize, int M, int64_t N, int64_t K,
+cudaError_t launch_typed(const void* x, const uint8_t* packed, AbsmaxView absmax, const float* quant_map,
+                         int blocksize_shift, int nested_shift, int M, int64_t N, int64_t K,
                          const void* lora_A, const void* lora_B, int64_t r, float scaling,
                          float* t, void* y, cudaStream_t stream) {
     const bool has_lora = lora_A != nullptr && lora_B != nullptr && r > 0;
@@ -231,18 +283,39 @@ cudaError_t launch_typed(const void* x, const uint8_t* packed, AbsmaxView absmax
         t = nullptr;
         lora_B = nullptr;
     }
-    // R = 2 rows per warp at M <= 2 doubles the number of warps streaming W, which the bandwidth-
-    // bound GEMV needs more than x reuse; at larger M, R = 4 halves the L1 re-reads of x.
+    // R rows per warp share each conversion of x to fp32 (about 1/R of an instruction per weight at
+    // M = 1) and put R 128-bit loads of W in flight per lane (2R with the prefetch). R = 4 up to
+    // M = 4; at M > 4, R = 2 (R = 4 spills on sm_80).
     if (M == 1) {
-        launch_main<T, 1, 2>(x, packed, absmax, quant_map, blocksize, M, N, K, t, lora_B, r, y, stream);
+        launch_main<T, 1, 4>(x, packed, absmax, quant_map, blocksize_shift, nested_shift, M, N, K, t, lora_B, r,
+                             y, stream);
     } else if (M == 2) {
-        launch_main<T, 2, 2>(x, packed, absmax, quant_map, blocksize, M, N, K, t, lora_B, r, y, stream);
+        launch_main<T, 2, 4>(x, packed, absmax, quant_map, blocksize_shift, nested_shift, M, N, K, t, lora_B, r,
+                             y, stream);
     } else if (M <= 4) {
-        launch_main<T, 4, 4>(x, packed, absmax, quant_map, blocksize, M, N, K, t, lora_B, r, y, stream);
+        launch_main<T, 4, 4>(x, packed, absmax, quant_map, blocksize_shift, nested_shift, M, N, K, t, lora_B, r,
+                             y, stream);
     } else {
-        launch_main<T, 8, 4>(x, packed, absmax, quant_map, blocksize, M, N, K, t, lora_B, r, y, stream);
+        launch_main<T, 8, 2>(x, packed, absmax, quant_map, blocksize_shift, nested_shift, M, N, K, t, lora_B, r,
+                             y, stream);
     }
     return cudaGetLastError();
+}
+
+}  // namespace
+
+namespace {
+
+// log2(v) for a power of two v >= 1, else -1.
+int power_of_two_shift(int64_t v) {
+    if (v < 1 || (v & (v - 1)) != 0) {
+        return -1;
+    }
+    int shift = 0;
+    while ((int64_t{1} << shift) < v) {
+        ++shift;
+    }
+    return shift;
 }
 
 }  // namespace
@@ -252,15 +325,20 @@ cudaError_t nf4_gemv_lora_launch(const void* x, const uint8_t* packed, AbsmaxVie
                                  int64_t K, const void* lora_A, const void* lora_B, int64_t r,
                                  float scaling, float* t_workspace, ScalarKind kind, void* y,
                                  cudaStream_t stream) {
-    if (M < 1 || M > kMaxM || N < 1 || K < kChunk || K % kChunk != 0 || blocksize % kChunk != 0) {
+    const int blocksize_shift = power_of_two_shift(blocksize);
+    // unused without double quantization; any value keeps the kernel's arguments defined
+    const int nested_shift = absmax.absmax_u8 != nullptr ? power_of_two_shift(absmax.nested_blocksize) : 0;
+    if (M < 1 || M > kMaxM || N < 1 || K < kChunk || K % kChunk != 0 || blocksize % kChunk != 0 ||
+        blocksize_shift < 0 || nested_shift < 0) {
         return cudaErrorInvalidValue;
     }
     if (kind == ScalarKind::kBFloat16) {
-        return launch_typed<__nv_bfloat16>(x, packed, absmax, quant_map, blocksize, static_cast<int>(M),
-                                           N, K, lora_A, lora_B, r, scaling, t_workspace, y, stream);
+        return launch_typed<__nv_bfloat16>(x, packed, absmax, quant_map, blocksize_shift, nested_shift,
+                                           static_cast<int>(M), N, K, lora_A, lora_B, r, scaling, t_workspace, y,
+                                           stream);
     }
-    return launch_typed<__half>(x, packed, absmax, quant_map, blocksize, static_cast<int>(M), N, K,
-                                lora_A, lora_B, r, scaling, t_workspace, y, stream);
+    return launch_typed<__half>(x, packed, absmax, quant_map, blocksize_shift, nested_shift, static_cast<int>(M),
+                                N, K, lora_A, lora_B, r, scaling, t_workspace, y, stream);
 }
 
 }  // namespace qlora

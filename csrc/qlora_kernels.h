@@ -25,7 +25,8 @@ cudaError_t nf4_dequantize_launch(const uint8_t* packed, AbsmaxView absmax, cons
 // y[m, n] = sum_k x[m, k] * W[n, k] + sum_j t[m, j] * B[n, j],  t = scaling * x @ A^T  (fp32),
 // with W the NF4 weight [N, K]. x: [M, K], A: [r, K], B: [N, r], y: [M, N], all of `kind` and
 // contiguous; `t_workspace` is fp32 [M, r]. A, B may be null (then r is ignored, no LoRA term).
-// Requires 1 <= M <= 8, K % 32 == 0, blocksize % 32 == 0, and 16-byte aligned packed, x, A.
+// Requires 1 <= M <= 8, K % 32 == 0, a power-of-two blocksize >= 32 (and nested_blocksize with uint8
+// absmax), and 16-byte aligned packed, x, A.
 cudaError_t nf4_gemv_lora_launch(const void* x, const uint8_t* packed, AbsmaxView absmax,
                                  const float* quant_map, int64_t blocksize, int64_t M, int64_t N,
                                  int64_t K, const void* lora_A, const void* lora_B, int64_t r,

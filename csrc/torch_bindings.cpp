@@ -140,6 +140,11 @@ at::Tensor nf4_gemv_lora_cuda(const at::Tensor& x, const at::Tensor& packed,
     TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
                 "qlora: packed and x must be 16-byte aligned for 128-bit loads");
+    TORCH_CHECK(blocksize > 0 && (blocksize & (blocksize - 1)) == 0,
+                "qlora: nf4_gemv_lora needs a power-of-two blocksize, got ", blocksize);
+    TORCH_CHECK(absmax.scalar_type() != at::kByte ||
+                    (nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0),
+                "qlora: nf4_gemv_lora needs a power-of-two nested_blocksize, got ", nested_blocksize);
     check_quant_map(quant_map, device);
     const AbsmaxView view = absmax_view(absmax, nested_absmax, nested_quant_map, offset,
                                         nested_blocksize, N * K, blocksize, device);
