@@ -86,15 +86,19 @@ def gemv_tile(acc, x_cols, in_group, pair_k, col_group, words_ptr, absmax_ptr, n
     part = mma(w, xt, tl.zeros(acc.shape, dtype=tl.float32), UPCAST_DOT)  # [BLOCK_N, COLS]
 
     # ---- absmax[n, block of column group j]: one multiply-add per accumulator element ------------
-    group_k = k0 + col_group * GROUP_K
-    block = rows[:, None] * (K // QBLOCK) + (group_k // QBLOCK)[None, :]
-    block_ok = (col_group < N_GROUPS) & (group_k < k_end)
+    if N_GROUPS == 1:  # one block for the whole tile: decode per row, not per accumulator element
+        block = rows[:, None] * (K // QBLOCK) + k0 // QBLOCK  # [BLOCK_N, 1]
+        block_ok = True
+    else:
+        group_k = k0 + col_group * GROUP_K
+        block = rows[:, None] * (K // QBLOCK) + (group_k // QBLOCK)[None, :]  # [BLOCK_N, COLS]
+        block_ok = ((col_group < N_GROUPS) & (group_k < k_end))[None, :]
     if DOUBLE_QUANT:
-        code = tl.load(absmax_ptr + block, mask=block_ok[None, :], other=0)
-        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCK, mask=block_ok[None, :], other=0.0)
+        code = tl.load(absmax_ptr + block, mask=block_ok, other=0)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCK, mask=block_ok, other=0.0)
         scale = tl.load(nested_quant_map_ptr + code) * nested + offset
     else:
-        scale = tl.load(absmax_ptr + block, mask=block_ok[None, :], other=0.0)
+        scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
     return acc + part * scale
 
 
@@ -154,21 +158,30 @@ def nf4_gemv_lora_kernel(
     in_group = ((pair_k // GROUP_K)[:, None] == col_group[None, :]) & (col_m < M)[None, :]
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
 
-    # ---- this program's slice of K: whole tiles, then a partial one --------------------------------
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), TILE_K) * TILE_K
+    # ---- this program's slice of K: steps of TILES whole tiles, then tiles with masks -------------
+    # (TILES > 1 when the tile is short, at large M: fewer loop iterations, more loads issued at once)
+    TILES: tl.constexpr = max(BLOCK_K // TILE_K, 1)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), TILES * TILE_K) * (TILES * TILE_K)
     k_begin = pid_k * k_per_split
     k_end = min(k_begin + k_per_split, K)
-    k_whole = k_begin + max(k_end - k_begin, 0) // TILE_K * TILE_K
+    k_whole = k_begin + max(k_end - k_begin, 0) // (TILES * TILE_K) * (TILES * TILE_K)
 
     acc = tl.zeros((BLOCK_N, COLS), dtype=tl.float32)
-    for k0 in range(k_begin, k_whole, TILE_K):
-        acc = gemv_tile(acc, x_cols, in_group, pair_k, col_group, words_ptr, absmax_ptr, nested_absmax_ptr,
-                        nested_quant_map_ptr, offset, rows, k0, k_end, K, QBLOCK, NESTED_BLOCK, DOUBLE_QUANT,
-                        UPCAST_DOT, GROUP_K, N_GROUPS, CH, MASK_K=False)
-    if k_whole < k_end:
-        acc = gemv_tile(acc, x_cols, in_group, pair_k, col_group, words_ptr, absmax_ptr, nested_absmax_ptr,
-                        nested_quant_map_ptr, offset, rows, k_whole, k_end, K, QBLOCK, NESTED_BLOCK, DOUBLE_QUANT,
-                        UPCAST_DOT, GROUP_K, N_GROUPS, CH, MASK_K=True)
+    for k0 in range(k_begin, k_whole, TILES * TILE_K):
+        for tile in tl.static_range(TILES):
+            acc = gemv_tile(acc, x_cols, in_group, pair_k, col_group, words_ptr, absmax_ptr, nested_absmax_ptr,
+                            nested_quant_map_ptr, offset, rows, k0 + tile * TILE_K, k_end, K, QBLOCK, NESTED_BLOCK,
+                            DOUBLE_QUANT, UPCAST_DOT, GROUP_K, N_GROUPS, CH, MASK_K=False)
+    if TILES == 1:  # an if, not a loop: a second loop makes Triton 3.9 pipeline the first one worse
+        if k_whole < k_end:
+            acc = gemv_tile(acc, x_cols, in_group, pair_k, col_group, words_ptr, absmax_ptr, nested_absmax_ptr,
+                            nested_quant_map_ptr, offset, rows, k_whole, k_end, K, QBLOCK, NESTED_BLOCK,
+                            DOUBLE_QUANT, UPCAST_DOT, GROUP_K, N_GROUPS, CH, MASK_K=True)
+    else:
+        for k0 in range(k_whole, k_end, TILE_K):
+            acc = gemv_tile(acc, x_cols, in_group, pair_k, col_group, words_ptr, absmax_ptr, nested_absmax_ptr,
+                            nested_quant_map_ptr, offset, rows, k0, k_end, K, QBLOCK, NESTED_BLOCK, DOUBLE_QUANT,
+                            UPCAST_DOT, GROUP_K, N_GROUPS, CH, MASK_K=True)
 
     # ---- LoRA, added once (by slice 0) into column group 0 ------------------------------------------
     if HAS_LORA:
