@@ -17,8 +17,10 @@ around that budget; sm_90 SASS counts per weight are in the README.
   activation dtype) and the MMA's unused columns carry the scale blocks instead: X^T is placed
   block-diagonally, column (j, m) holding X[m] on the k of absmax block j of the tile and zero
   elsewhere, so one MMA chain gives every block's partial sum C[n, (j, m)], and the tile costs one
-  multiply-add per accumulator element, acc += C * absmax[n, j]. At M = 1 with 16 columns that is
-  16 absmax blocks (1024 k) per multiply-add. Y[n, m] = sum_j acc[n, (j, m)] at the end.
+  multiply-add per accumulator element, acc += C * absmax[n, j]: at M = 1 a tile of BLOCK_K = 256
+  holds 4 blocks of 64 (up to 16 would fit the columns; registers bound the tile). Y[n, m] =
+  sum_j acc[n, (j, m)] at the end. When a tile is one block (M = 16, or QBLOCK >= BLOCK_K), the absmax
+  is decoded per row and several tiles go per loop iteration.
   Rounding: each W0 value is code_value (rounded once to bf16/fp16) times the fp32 absmax, where the
   reference rounds code_value * absmax once; both are within one rounding of the exact product.
 * Split-K: program (n, s) reduces its slice of K for BLOCK_N rows into fp32 partials [BLOCK_N, M_PAD].
