@@ -72,11 +72,25 @@ def _blockwise_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> 
     return torch.bucketize(scaled, midpoints.to(flat.device)), absmax
 
 
-def _blockwise_values(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """fp32 ``code[codes[i]] * absmax[i // blocksize]`` for a flat code tensor."""
-    values = code.to(codes.device)[codes.long()]
-    scale = absmax.repeat_interleave(blocksize)[: values.numel()]
-    return values * scale
+def _byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256] whose entry b holds the two fp32 values (code[b >> 4], code[b & 0xF]) in that
+    order, so one 8-byte gather decodes both codes of a packed byte (high nibble first)."""
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # fp32 [256, 2]
+    return pairs.view(torch.int64).view(256)
+
+
+def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values[i] *= absmax[i // blocksize]`` in place for a flat fp32 ``values``; returns it.
+
+    The full blocks are a [blocks, blocksize] view times absmax broadcast along a column, so no
+    per-element scale tensor is ever built; a trailing partial block is scaled by its own absmax.
+    """
+    n = values.numel()
+    full = n - n % blocksize
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    if full < n:
+        values[full:].mul_(absmax[full // blocksize])
+    return values
 
 
 @dataclass
@@ -126,14 +140,21 @@ class NF4Tensor:
         """The per-block scales in fp32, [n_blocks]."""
         if not self.double_quant:
             return self.absmax.float()
-        scales = _blockwise_values(self.absmax, self.nested_quant_map, self.nested_absmax, self.nested_blocksize)
-        return scales + self.offset
+        # int32 indices: index_select takes them as they are, where indexing converts to int64
+        scales = self.nested_quant_map.index_select(0, self.absmax.to(torch.int32))
+        return _scale_blocks_(scales, self.nested_absmax, self.nested_blocksize).add_(self.offset)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The dense tensor of ``shape`` in ``dtype`` (default: the dtype it was quantized from)."""
-        flat = self.packed.reshape(-1)
-        codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: self.numel()]
-        values = _blockwise_values(codes, self.quant_map, self.absmax_fp32(), self.blocksize)
+        """The dense tensor of ``shape`` in ``dtype`` (default: the dtype it was quantized from).
+
+        One gather per packed byte from a 256-entry table of value pairs, then one in-place
+        multiply by the block scales: the same fp32 products as the formula, so the result is
+        bit-identical to it (and to bitsandbytes).
+        """
+        table = _byte_pair_table(self.quant_map)
+        pairs = table.index_select(0, self.packed.reshape(-1).to(torch.int32))  # int64 [n_bytes]
+        values = pairs.view(torch.float32)[: self.numel()]  # fp32 [n], codes in element order
+        values = _scale_blocks_(values, self.absmax_fp32(), self.blocksize)
         return values.view(self.shape).to(dtype or self.dtype)
 
     def to(self, device) -> "NF4Tensor":
