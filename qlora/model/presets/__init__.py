@@ -5,7 +5,8 @@ model (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
 num_key_value_heads, vocab_size, max_position_embeddings, rope_theta, tie_word_embeddings,
 model_type, ...) as in that model's config.json on the Hugging Face Hub, so memory estimates and
 random-weight benchmarks need no download. ``tiny-llama`` is a 4-layer, byte-vocabulary (256)
-Llama for tests and CPU profiling.
+Llama for tests and CPU profiling; ``smollm-135m`` (HuggingFaceTB/SmolLM-135M, a 30-layer Llama of
+135M parameters) is a real architecture small enough for whole training steps on a CPU.
 
     cfg = load_preset("llama-2-7b")                       # dict
     transformers.AutoConfig.for_model(**cfg)              # a PretrainedConfig
