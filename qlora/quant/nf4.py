@@ -75,7 +75,8 @@ def _blockwise_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> 
 def _byte_pair_table(code: torch.Tensor) -> torch.Tensor:
     """int64 [256] whose entry b holds the two fp32 values (code[b >> 4], code[b & 0xF]) in that
     order, so one 8-byte gather decodes both codes of a packed byte (high nibble first)."""
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # fp32 [256, 2]
+    high, low = code[:, None].expand(16, 16), code[None, :].expand(16, 16)
+    pairs = torch.stack([high, low], dim=-1)  # fp32 [16, 16, 2]: [b >> 4, b & 0xF, nibble]
     return pairs.view(torch.int64).view(256)
 
 
