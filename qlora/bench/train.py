@@ -16,11 +16,18 @@ one layer is ever alive and a 70B model fits. The NF4 bits are identical in both
 LoRA: r=16, alpha=16, dropout 0.05 on every linear layer but the head (the QLoRA recipe).
 Compute dtype: bf16 on CUDA, fp32 on CPU (as the trainer does: no fast 16-bit CPU matmuls).
 
-The stacks run one after the other in the same process (a 70B model fits once, not twice, and
-each peak must be measured alone). Each step is timed by the wall clock around a synchronized
-step, after warm-up steps that allocate the optimizer states and autotune the kernels. The
-first step's loss of both stacks is reported: with B = 0 at initialization both compute the same
-function on the same bits, so the two losses must agree to rounding.
+On CUDA the stacks run one after the other in the same process (a 70B model fits once, not
+twice, and each peak must be measured alone). On CPU both are built side by side and timed in
+alternating steps, the order rotated each round, so that a busy neighbour on a shared machine
+slows both alike; there ours runs its pure-PyTorch reference backend and bitsandbytes its CPU
+kernels. The CPU comparison of issue 20 (2 cores, median of 5 steps):
+
+    qlora bench train --model smollm-135m --batch-size 8 --seq-len 64 --steps 5 --device cpu
+
+Each step is timed by the wall clock around a synchronized step, after warm-up steps that
+allocate the optimizer states and autotune the kernels. The first step's loss of both stacks is
+reported: with B = 0 at initialization both compute the same function on the same bits, so the
+two losses must agree to rounding.
 
 Files in ``--out``: bench_train.json / .csv (one row per stack) and bench_train.md.
 """
@@ -201,45 +208,73 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_stack(stack: str, settings: dict, input_ids: torch.Tensor) -> dict:
-    """Build, warm up and time one stack; everything it allocated is freed on return."""
-    device = torch.device(settings["device"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(settings["model"], stack, device, dtype)
-    loss_fn, optimizer, components = (_qlora_stack if stack == "qlora" else _hf_stack)(model, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+class StackRun:
+    """One stack built and ready to step: its model, optimizer and the losses of every step."""
 
-    def step() -> float:
-        loss = loss_fn(input_ids)
+    def __init__(self, stack: str, settings: dict, input_ids: torch.Tensor):
+        self.stack, self.input_ids = stack, input_ids
+        self.device = torch.device(settings["device"])
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = build_model(settings["model"], stack, self.device, self.dtype)
+        self.loss_fn, self.optimizer, self.components = \
+            (_qlora_stack if stack == "qlora" else _hf_stack)(self.model, self.device)
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.losses, self.times = [], []
+
+    def step(self) -> None:
+        loss = self.loss_fn(self.input_ids)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
 
-    losses = [step() for _ in range(settings["warmup"])]
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(settings["steps"]):
+    def timed_step(self) -> None:
         start = time.perf_counter()
-        losses.append(step())  # .item() synchronizes
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - start))
-    memory = {}
-    if device.type == "cuda":
-        memory = dict(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
-    del model, optimizer, loss_fn
+        self.step()  # .item() synchronizes
+        _sync(self.device)
+        self.times.append(1000 * (time.perf_counter() - start))
+
+    def result(self, memory: dict) -> dict:
+        p50, p20, p80 = harness.quantiles(self.times)
+        return dict(stack=self.stack, components=self.components, dtype=str(self.dtype).removeprefix("torch."),
+                    trainable_params=self.trainable, step_ms_p50=p50, step_ms_p20=p20, step_ms_p80=p80,
+                    tokens_per_s=self.input_ids.numel() / p50 * 1000,
+                    peak_allocated_gib=memory.get("peak_allocated_gib"),
+                    peak_reserved_gib=memory.get("peak_reserved_gib"),
+                    first_loss=self.losses[0], last_loss=self.losses[-1])
+
+
+def run_stack(stack: str, settings: dict, input_ids: torch.Tensor) -> dict:
+    """Build, warm up and time one stack alone on CUDA, with its own peak memory; everything it
+    allocated is freed on return."""
+    run = StackRun(stack, settings, input_ids)
+    for _ in range(settings["warmup"]):
+        run.step()
+    _sync(run.device)
+    torch.cuda.reset_peak_memory_stats(run.device)
+    for _ in range(settings["steps"]):
+        run.timed_step()
+    result = run.result(dict(peak_allocated_gib=torch.cuda.max_memory_allocated(run.device) / 2**30,
+                             peak_reserved_gib=torch.cuda.max_memory_reserved(run.device) / 2**30))
+    del run
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    p50, p20, p80 = harness.quantiles(times)
-    tokens = input_ids.numel()
-    return dict(stack=stack, components=components, dtype=str(dtype).removeprefix("torch."),
-                trainable_params=trainable, step_ms_p50=p50, step_ms_p20=p20, step_ms_p80=p80,
-                tokens_per_s=tokens / p50 * 1000, peak_allocated_gib=memory.get("peak_allocated_gib"),
-                peak_reserved_gib=memory.get("peak_reserved_gib"), first_loss=losses[0], last_loss=losses[-1])
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_interleaved(settings: dict, input_ids: torch.Tensor) -> dict:
+    """Both stacks built side by side and timed in alternating steps, the order rotated each
+    round: a noisy neighbour or a clock change on a shared CPU then slows both alike, instead of
+    whichever stack happened to run at that moment. Used on CPU, where no peak memory is
+    measured and both models fit."""
+    runs = [StackRun(stack, settings, input_ids) for stack in STACKS]
+    for _ in range(settings["warmup"]):
+        for run in runs:
+            run.step()
+    for i in range(settings["steps"]):
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            run.timed_step()
+    return {run.stack: run.result({}) for run in runs}
 
 
 def run(args) -> dict:
@@ -269,7 +304,10 @@ def _run(args) -> dict:
     config = dict(model=settings["model"], seq_len=settings["seq_len"], batch_size=settings["batch_size"],
                   steps=settings["steps"], warmup_steps=settings["warmup"], rank=RANK, alpha=ALPHA,
                   dropout=DROPOUT, lr=LR)
-    results = {stack: run_stack(stack, settings, input_ids) for stack in STACKS}
+    if device.type == "cuda":
+        results = {stack: run_stack(stack, settings, input_ids) for stack in STACKS}
+    else:
+        results = run_interleaved(settings, input_ids)
     hf = results["hf-stack"]
     rows = []
     for stack, result in results.items():
@@ -298,8 +336,9 @@ def markdown(rows: list, env: dict) -> str:
              f"tokens, {first['steps']} timed steps after {first['warmup_steps']} warm-up, LoRA r={first['rank']} "
              f"alpha={first['alpha']:g} dropout={first['dropout']:g} on every linear layer, {first['dtype']}", ""]
     if env["device_type"] != "cuda":
-        lines += ["**CPU run**: shows that both stacks train; it says nothing about GPU speed or memory "
-                  "(peak memory is measured on CUDA only).", ""]
+        lines += ["**CPU run**: both stacks on their CPU paths (ours: the pure-PyTorch reference backend), "
+                  "timed in alternating steps; it says nothing about GPU speed or memory (peak memory is "
+                  "measured on CUDA only).", ""]
     lines += ["step ms: median [20th, 80th percentile]. × hf-stack: its step time / this one (> 1: faster). "
               "The first losses must agree: same weights, same batch, LoRA B = 0.", "",
               harness.markdown_table(header, table), ""]
