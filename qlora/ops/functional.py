@@ -2,7 +2,8 @@
 
 The reference path computes ``y = x·W0ᵀ (+ bias) + Σ_a s_a · B_a(A_a(dropout_a(x)))`` with W0
 dequantized on the fly: :class:`NF4LinearFunction` dequantizes in forward and again in backward, so
-no dense copy of W0 outlives a single matmul, and W0 gets no gradient.
+no dense copy of W0 outlives a single matmul, and W0 gets no gradient. The LoRA terms are formed
+first and the base product accumulates into them in place (see :func:`nf4_lora_linear`).
 """
 from __future__ import annotations
 
