@@ -6,7 +6,8 @@ wheel) the steps run one after another, each in child processes with its own tim
     env        nvidia-smi, nvcc / ncu / compute-sanitizer / cuobjdump versions, package versions, `qlora info`
     extension  the csrc/ extension (qlora._C) built just in time, with its build time
     tests      the CUDA tests of kernels/, csrc/ and the fused ops, stopped at the first failure (-x)
-    kernels    `qlora bench kernels`: Llama-2-7B linear shapes, M 1/16/4096, r 16, fwd and bwd, every provider
+    kernels    `qlora bench kernels`: Llama-2-7B linear shapes, M 1/16/4096, r 16, fwd and bwd, every provider,
+               with the speed model's predicted time where the command's rows carry it
     train      `qlora bench train --model llama-2-7b --seq-len 2048 --steps 5`: ours against the HF stack
 
 Each child's output streams into ``<out>/<step>.log`` as it comes, ``<out>/summary.json`` is rewritten
@@ -25,7 +26,7 @@ repository root on it would let ``kernels/`` shadow Hugging Face's ``kernels`` p
 Afterwards commit what came back (the files under the tool's files_at) as
 ``benchmarks/results/<date>-h200-gpu-check/``: gpu_check.log (the driver's log), env.log,
 extension.log, tests.log, kernels.log, train.log (raw output), summary.json, versions.json,
-command.txt, kernels/bench_kernels.* and train/bench_train.*.
+command.txt and everything under kernels/ and train/ (what the two bench commands wrote).
 
 ``--dry-run`` runs the same steps with the same code on CPU with tiny sizes (CUDA hidden, Triton in
 its interpreter; CUDA-only tests skip, with the reason recorded), so that the GPU call cannot fail on
@@ -91,11 +92,6 @@ def python(program: str, *args) -> list:
     """The argv of a child Python running ``PROGRAMS[program]`` with ``args``."""
     return [sys.executable, "-c", PROGRAMS[program], *args]
 
-
-# The option of `qlora bench kernels` that adds the static speed model's predicted time beside each
-# measured one (issue 20, item 3). Passed when the command has it; rows carrying keys with "predict"
-# in their name are copied into the summary either way.
-PREDICT_OPTION = "--predict"
 
 TOOLS = ("nvcc", "ncu", "compute-sanitizer", "cuobjdump")
 NVIDIA_SMI_QUERY = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit"
@@ -310,26 +306,28 @@ _LEFT_OUT = re.compile(r"^- left out: ([\w-]+): (.*)$", re.M)
 
 
 def kernel_rows(rows: list) -> list:
-    """The summary's view of bench_kernels.json: one entry per measurement, predictions included."""
-    keep = ("n", "k", "modules", "m", "rank", "mode", "provider", "timing", "ms_p50", "ms_p20", "ms_p80",
+    """The summary's view of bench_kernels.json: one entry per measurement, with every column whose
+    name has "predict" in it (the static speed model's time of the path a provider ran, issue 20)
+    and the path itself where the rows carry them."""
+    keep = ("n", "k", "modules", "m", "rank", "mode", "provider", "path", "timing", "ms_p50", "ms_p20", "ms_p80",
             "tflops", "gb_per_s", "pct_peak", "max_rel_err")
     return [dict({key: row.get(key) for key in keep}, **{k: v for k, v in row.items() if "predict" in k})
             for row in rows]
 
 
 def step_kernels(run: Run, deadline: float) -> dict:
-    log, env, out = run.out / "kernels.log", run.child_env(), run.out / "kernels"
-    help_record = run_logged(python("qlora", "bench", "kernels", "--help"), log, deadline, env)
-    has_predict = re.search(rf"(?<![\w-]){re.escape(PREDICT_OPTION)}(?![\w-])", log.read_text()) is not None
-    options = [*run.plan.kernels, *([PREDICT_OPTION] if has_predict else []), "--out", out]
-    record = run_logged(python("qlora", "bench", "kernels", *options), log, deadline, env)
-    rows = _read_json(out / "bench_kernels.json") or []
+    log, out = run.out / "kernels.log", run.out / "kernels"
+    record = run_logged(python("qlora", "bench", "kernels", *run.plan.kernels, "--out", out), log, deadline,
+                        run.child_env())
+    rows = kernel_rows(_read_json(out / "bench_kernels.json") or [])
     report = out / "bench_kernels.md"
     left_out = dict(_LEFT_OUT.findall(report.read_text(encoding="utf-8"))) if report.is_file() else {}
-    predictions = (f"requested with {PREDICT_OPTION}" if has_predict else
-                   f"none: `qlora bench kernels` has no {PREDICT_OPTION} option in this checkout")
-    return dict(status=_status(record), log=log.name, commands=[help_record, record], predictions=predictions,
-                left_out=left_out, rows=kernel_rows(rows))
+    predicted = sorted({key for row in rows for key, value in row.items()
+                        if "predict" in key and value is not None})
+    predictions = (f"beside each measured time: {', '.join(predicted)}" if predicted else
+                   "none: this checkout's `qlora bench kernels` rows carry no predicted time")
+    return dict(status=_status(record), log=log.name, commands=[record], predictions=predictions,
+                left_out=left_out, rows=rows)
 
 
 # ---- d. whole training steps --------------------------------------------------------------------

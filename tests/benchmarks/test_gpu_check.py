@@ -74,6 +74,9 @@ def test_dry_run_measures_every_provider_and_both_stacks(dry_run):
             assert row["ms_p50"] is None
         else:
             assert row["ms_p50"] > 0
+    # the speed model's predictions are copied when the command's rows carry them (issue 20)
+    predicted = any("predict" in key and value is not None for row in rows for key, value in row.items())
+    assert kernels["predictions"].startswith("beside each measured time" if predicted else "none")
     assert [r["stack"] for r in summary["steps"]["train"]["rows"]] == ["qlora", "hf-stack"]
     # every target is listed, none judged from CPU times
     assert len(summary["targets"]) == 5
@@ -177,6 +180,16 @@ def test_unused_budget_goes_to_later_steps():
                           tests=(), kernels=(), train=())
     run = gpu_check.Run(out=Path("."), plan=plan, dry_run=True, start=1000.0)
     assert [run.step_deadline(s) for s in gpu_check.STEPS] == [1010.0, 1030.0, 1060.0, 1100.0, 1150.0]
+
+
+def test_kernel_rows_keep_the_predictions():
+    row = dict(n=64, k=128, modules="custom", m=1, rank=4, mode="fwd", provider="qlora-fused", path="gemv",
+               timing="timed", ms_p50=0.5, predicted_ms=0.25, predicted_arch="sm_90", version_torch="2.13")
+    (kept,) = gpu_check.kernel_rows([row])
+    assert kept["predicted_ms"] == 0.25 and kept["predicted_arch"] == "sm_90" and kept["path"] == "gemv"
+    assert "version_torch" not in kept and kept["ms_p20"] is None
+    lines = gpu_check.step_lines("kernels", dict(rows=[kept], predictions="beside each measured time", left_out={}))
+    assert lines[1] == "  fwd 64x128 M=1: qlora-fused 0.5 ms (predicted_ms 0.25)"
 
 
 def test_targets_on_gpu_rows():
