@@ -159,7 +159,9 @@ class Run:
     summary: dict = field(default_factory=dict)
 
     def child_env(self) -> dict:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        """Unbuffered output, so that a killed child's last lines are in its log; no Hugging Face Hub
+        calls (the GPU machine has no network); on a dry run, no CUDA and Triton in its interpreter."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
         if self.dry_run:
             env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
         return env
