@@ -130,8 +130,9 @@ FULL = Plan(
     train=("--model", "llama-2-7b", "--seq-len", "2048", "--batch-size", "1", "--steps", "5", "--device", "cuda"),
 )
 
-# The same flags with tiny values; --quick only shortens the CPU timers (every size is explicit) and
-# --nk replaces the preset's shapes by one small one. Budgets are generous: a shared CPU is slow.
+# The same flags with tiny values; --quick only shortens the CPU timers and warm-up, on one thread
+# (every size is explicit), and --nk replaces the preset's shapes by one small one. Budgets are
+# generous: a shared CPU is slow.
 DRY = Plan(
     budgets_s=dict(env=300, extension=300, tests=600, kernels=600, train=600),
     tests=(CSRC_TESTS, *SINGLE_CUDA_TESTS),
