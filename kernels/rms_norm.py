@@ -23,10 +23,11 @@ _BWD_ROWS_PER_PROGRAM = 16  # rows one backward program reduces into its dW part
 
 
 def _num_warps(block_h):
-    """4 warps up to rows of 4096, 16 above. Compiled for sm_80 and sm_90 with `qlora kernels
-    inspect` (2026-11-23): at 8192 the backward with its fp32 dW accumulator spills 320+ bytes at
-    4 warps and, without dW, 4 bytes at 8 warps on sm_80; 16 warps spill in neither."""
-    return 4 if block_h <= 4096 else 16
+    """4 warps up to rows of 4096, 32 above. Compiled for sm_80 and sm_90 with `qlora kernels
+    inspect`, which reads the cubin Triton 3.9 launches (2026-11-29): at 8192 the backward spills
+    at 8 warps (4 bytes without dW, sm_80) and at 16 warps (4 bytes without dW, 28 with dW, sm_90:
+    the 128-register cap of a 512-thread block); 32 warps (64 registers) spill in neither."""
+    return 4 if block_h <= 4096 else 32
 
 
 @triton.jit
