@@ -1,8 +1,11 @@
-"""`qlora kernels inspect [--arch sm_80|sm_90] [--json]`: compile every Triton kernel config ahead
-of time for a GPU architecture (no GPU needed) and report registers, spills, shared memory, MMA."""
+"""`qlora kernels inspect [--arch sm_80|sm_90] [--json]`: compile every Triton kernel config and the
+csrc/ CUDA kernels ahead of time for a GPU architecture (no GPU needed) and report registers,
+spills, shared memory, MMA and, for the NF4 kernels, the static speed model's prediction."""
 import dataclasses
 import json
 import sys
+
+MIX_CLASSES_SHOWN = 4
 
 
 def register(subparsers):
@@ -11,23 +14,53 @@ def register(subparsers):
     inspect = actions.add_parser("inspect", help="compile every kernel and autotune config for an arch")
     inspect.add_argument("--arch", choices=["sm_80", "sm_90"], action="append",
                          help="architecture(s) to compile for (default: both)")
-    inspect.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    inspect.add_argument("--json", action="store_true",
+                         help="print JSON (machine constants and one row per kernel config) instead of a table")
     inspect.set_defaults(func=run_inspect)
 
 
-def run_inspect(args) -> int:
-    from qlora.bench.kernel_inspect import inspect_kernels, problems
+def _row(r) -> tuple:
+    if not r.ok:
+        return (r.kernel, r.config, r.arch, "", "", "", f"ERROR {r.error}", "", "", "", "")
+    model = r.model or {}
+    mix = ", ".join(f"{cls} {n}" for cls, n in list(model.get("mix", {}).items())[:MIX_CLASSES_SHOWN])
+    return (r.kernel, r.config, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared_bytes), r.mma,
+            str(model.get("loop_instructions", "")),
+            f"{model['instructions_per_weight']:.1f}" if model else "", mix,
+            _predicted(r, model))
 
-    results = [r for arch in (args.arch or ["sm_80", "sm_90"]) for r in inspect_kernels(arch)]
-    if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+
+def _predicted(r, model: dict) -> str:
+    from qlora.bench.speed_model import summary
+
+    if r.model_error:
+        return "no main loop found"
+    return summary(model) if model else ""
+
+
+def run_inspect(args) -> int:
+    from qlora.bench.csrc_inspect import inspect_csrc, nvcc
+    from qlora.bench.kernel_inspect import inspect_kernels, problems
+    from qlora.bench.speed_model import DEFAULT_MACHINE, table
+
+    archs = args.arch or ["sm_80", "sm_90"]
+    results = [r for arch in archs for r in inspect_kernels(arch)]
+    if nvcc() is None:
+        print("note: nvcc not found: the csrc/ kernels are not inspected", file=sys.stderr)
     else:
-        header = ("kernel", "config", "arch", "regs", "spills", "smem", "mma")
-        rows = [(r.kernel, r.config, r.arch, str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
-                 r.mma if r.ok else f"ERROR {r.error}") for r in results]
+        results += [r for arch in archs for r in inspect_csrc(arch)]
+    if args.json:
+        print(json.dumps(table([dataclasses.asdict(r) for r in results]), indent=2))
+    else:
+        machines = ", ".join(f"{arch} on {DEFAULT_MACHINE[arch]}" for arch in archs)
+        print(f"speed model ({machines}): a lower bound from instruction issue, tensor cores and HBM "
+              "bytes per main-loop tile step; latency, stalls and occupancy come on top")
+        header = ("kernel", "config", "arch", "regs", "spills", "smem", "mma", "loop instrs", "per weight",
+                  "main-loop mix (top classes)", "predicted")
+        rows = [_row(r) for r in results]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     found = problems(results)
     for line in found:
         print(f"problem: {line}", file=sys.stderr)

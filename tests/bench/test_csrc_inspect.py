@@ -1,0 +1,34 @@
+"""The csrc/ CUDA kernels through the inspector: nvcc compiles them for sm_80 and sm_90 (no GPU
+needed), and the speed model finds the main loop of every bf16 instantiation of the GEMV and the
+loop-free path of the dequant kernel. About 5 s per arch (2-core CPU sandbox, 2026-11-29)."""
+import pytest
+
+from qlora.bench import csrc_inspect
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_csrc_kernels_have_a_main_loop(arch):
+    if csrc_inspect.nvcc() is None:
+        pytest.skip("nvcc not found on PATH or in /usr/local/cuda/bin")
+    results = csrc_inspect.inspect_csrc(arch)
+    # the template instantiations launch_typed picks for M = 1, 2, <= 4, <= 8
+    assert [(r.kernel, r.config) for r in results] == [
+        ("csrc_nf4_gemv_lora", "bf16,MT=1,R=2"), ("csrc_nf4_gemv_lora", "bf16,MT=2,R=2"),
+        ("csrc_nf4_gemv_lora", "bf16,MT=4,R=4"), ("csrc_nf4_gemv_lora", "bf16,MT=8,R=4"),
+        ("csrc_nf4_dequantize", "bf16")]
+    for r in results:
+        assert r.ok and r.model_error is None and r.spill_bytes == 0 and 0 < r.registers <= 255, r
+        assert r.model["unroll"] >= 1 and r.model["instructions_per_weight"] > 0, r
+    gemv, dequant = results[0].model, results[-1].model
+    assert gemv["region"].startswith("loop at") and gemv["figure"] == "speedup_over_dense_gemv"
+    assert 0 < gemv["predicted"] <= 3.88  # 2 bytes per weight against 0.516
+    assert dequant["region"] == "kernel (no loop)" and 0 < dequant["predicted"] <= 1.0
+
+
+def test_compile_error_is_a_result(tmp_path, monkeypatch):
+    if csrc_inspect.nvcc() is None:
+        pytest.skip("nvcc not found on PATH or in /usr/local/cuda/bin")
+    (tmp_path / "nf4_dequantize.cu").write_text("this is not C++\n")
+    monkeypatch.setattr(csrc_inspect, "CSRC", tmp_path)
+    (result,) = csrc_inspect.inspect_csrc("sm_80", kernels=["csrc_nf4_dequantize"])
+    assert not result.ok and "failed" in result.error
