@@ -18,6 +18,7 @@ A ``CALL`` (nvcc's out-of-line slow paths, e.g. 64-bit division) counts as one i
 falls through; the callee's blocks are not reachable from the entry and are ignored.
 """
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -177,23 +178,19 @@ class ControlFlowGraph:
                 self.successors.append(following)
 
     def reachable(self) -> list:
-        """Blocks reachable from the entry, in reverse postorder."""
-        seen, order = set(), []
-
-        def visit(b):  # iterative DFS: SASS functions reach thousands of blocks
-            stack = [(b, iter(sorted(self.successors[b])))]
-            seen.add(b)
-            while stack:
-                node, children = stack[-1]
-                child = next(children, None)
-                if child is None:
-                    order.append(node)
-                    stack.pop()
-                elif child not in seen:
-                    seen.add(child)
-                    stack.append((child, iter(sorted(self.successors[child]))))
-
-        visit(0)
+        """Blocks reachable from the entry, in reverse postorder (iterative DFS: SASS functions
+        reach thousands of blocks)."""
+        seen, order = {0}, []
+        stack = [(0, iter(sorted(self.successors[0])))]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                order.append(node)
+                stack.pop()
+            elif child not in seen:
+                seen.add(child)
+                stack.append((child, iter(sorted(self.successors[child]))))
         return order[::-1]
 
     def dominators(self) -> dict:
@@ -214,10 +211,11 @@ class ControlFlowGraph:
                     dom[b], changed = new, True
         return dom
 
-    def back_edges(self) -> set:
+    @functools.cached_property
+    def back_edges(self) -> frozenset:
         """Edges (u, h) whose target h dominates their source u."""
         dom = self.dominators()
-        return {(u, h) for u in dom for h in self.successors[u] if h in dom[u]}
+        return frozenset((u, h) for u in dom for h in self.successors[u] if h in dom[u])
 
 
 @dataclasses.dataclass
@@ -244,7 +242,7 @@ def find_loops(cfg: ControlFlowGraph) -> list:
         for s in cfg.successors[b]:
             predecessors[s].add(b)
     latches = {}
-    for u, h in cfg.back_edges():
+    for u, h in cfg.back_edges:
         latches.setdefault(h, set()).add(u)
     loops = []
     for header, sources in latches.items():
@@ -262,7 +260,7 @@ def heaviest_path(cfg: ControlFlowGraph, weight, start: int = 0, ends=None, with
     """The instructions of the path from ``start`` to a block in ``ends`` (default: blocks without
     successors, i.e. exits) that maximises ``weight(instructions)`` (any value that adds and
     compares, e.g. a tuple), over the graph without back edges, restricted to ``within`` blocks."""
-    back = cfg.back_edges()
+    back = cfg.back_edges
     nodes = set(within) if within is not None else set(cfg.reachable())
     ends = set(ends) if ends is not None else {b for b in nodes if not cfg.successors[b]}
     edges = {b: [s for s in cfg.successors[b] if s in nodes and (b, s) not in back] for b in nodes}

@@ -1,4 +1,4 @@
-"""`qlora kernels inspect [--arch sm_80|sm_90] [--json]`: compile every Triton kernel config and the
+"""`qlora kernels inspect [--arch sm_80|sm_90] [--kernel NAME] [--json]`: compile every Triton kernel config and the
 csrc/ CUDA kernels ahead of time for a GPU architecture (no GPU needed) and report registers,
 spills, shared memory, MMA and, for the NF4 kernels, the static speed model's prediction."""
 import dataclasses
@@ -14,6 +14,8 @@ def register(subparsers):
     inspect = actions.add_parser("inspect", help="compile every kernel and autotune config for an arch")
     inspect.add_argument("--arch", choices=["sm_80", "sm_90"], action="append",
                          help="architecture(s) to compile for (default: both)")
+    inspect.add_argument("--kernel", action="append",
+                         help="only this kernel (as named in the table's kernel column); repeatable")
     inspect.add_argument("--json", action="store_true",
                          help="print JSON (machine constants and one row per kernel config) instead of a table")
     inspect.set_defaults(func=run_inspect)
@@ -44,11 +46,16 @@ def run_inspect(args) -> int:
     from qlora.bench.speed_model import DEFAULT_MACHINE, table
 
     archs = args.arch or ["sm_80", "sm_90"]
-    results = [r for arch in archs for r in inspect_kernels(arch)]
+    results = [r for arch in archs for r in inspect_kernels(arch, kernels=args.kernel)]
     if nvcc() is None:
         print("note: nvcc not found: the csrc/ kernels are not inspected", file=sys.stderr)
     else:
-        results += [r for arch in archs for r in inspect_csrc(arch)]
+        results += [r for arch in archs for r in inspect_csrc(arch, kernels=args.kernel)]
+    unknown = sorted(set(args.kernel or ()) - {r.kernel for r in results})
+    if unknown:
+        print(f"error: no kernel named {', '.join(unknown)} (see the kernel column of `qlora kernels inspect`)",
+              file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(table([dataclasses.asdict(r) for r in results]), indent=2))
     else:

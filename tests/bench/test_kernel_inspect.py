@@ -107,5 +107,6 @@ def test_cli_table_row_shows_the_prediction():
 def test_cli_registers_inspect_subcommand():
     parser = argparse.ArgumentParser()
     kernels_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["kernels", "inspect", "--arch", "sm_90", "--json"])
+    args = parser.parse_args(["kernels", "inspect", "--arch", "sm_90", "--kernel", "nf4_gemv_lora", "--json"])
     assert args.func is kernels_cli.run_inspect and args.arch == ["sm_90"] and args.json
+    assert args.kernel == ["nf4_gemv_lora"]
