@@ -18,7 +18,8 @@ from pathlib import Path
 
 from qlora.bench import sass
 from qlora.bench.kernel_inspect import ARCHS, InspectResult, apply_model, mma_kind
-from qlora.bench.speed_model import DENSE_BYTES_PER_WEIGHT, NF4_BYTES_PER_WEIGHT, Workload
+from qlora.bench.speed_model import (DENSE_BYTES_PER_WEIGHT, NF4_BYTES_PER_WEIGHT, NF4_FP32_ABSMAX_BYTES_PER_WEIGHT,
+                                     Workload)
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -28,17 +29,20 @@ class CsrcKernel:
     name: str  # the row's kernel name
     source: str  # .cu file in csrc/
     mangled: str  # regex on the mangled name; groups are the template arguments of the config
-    labels: tuple  # names of those groups
+    labels: tuple  # names of those groups (a bool template argument reads 0 or 1)
     workload: object  # dict of template arguments -> Workload
 
 
 def _gemv_workload(args) -> Workload:
-    # nf4_gemv_lora.cu: each warp loops over K on its own, R rows of W x 32 lanes x kChunk = 32
-    # elements per pass, MT rows of x (FFMA on fp32: MT multiply-adds per weight)
-    mt, rows = args["MT"], args["R"]
-    return Workload("gemv", "ffma", work=rows * 1024 * mt, weights=rows * 1024, threads=32,
-                    tile={"rows": rows, "M": mt, "K": 1024},
-                    hbm_bytes_per_weight=NF4_BYTES_PER_WEIGHT, dense_bytes_per_weight=DENSE_BYTES_PER_WEIGHT)
+    # nf4_gemv_lora.cu: each warp loops over K on its own; one pass reads one chunk of kChunk = 32
+    # weights per lane and row, R rows of W x 32 lanes x 32 = R * 1024 weights, and does in fp32 FFMA
+    # MT multiply-adds per weight (unscaled products) plus MT per chunk and row (the absmax applied
+    # once per chunk): MT * R * 33 per lane. Without double quantization the absmax is fp32.
+    mt, rows, lanes, chunk = args["MT"], args["R"], 32, 32
+    nf4_bytes = NF4_BYTES_PER_WEIGHT if args["double_quant"] else NF4_FP32_ABSMAX_BYTES_PER_WEIGHT
+    return Workload("gemv", "ffma", work=mt * rows * (chunk + 1) * lanes, weights=rows * lanes * chunk,
+                    threads=lanes, tile={"rows": rows, "M": mt, "K": lanes * chunk},
+                    hbm_bytes_per_weight=nf4_bytes, dense_bytes_per_weight=DENSE_BYTES_PER_WEIGHT)
 
 
 def _dequant_workload(args) -> Workload:
@@ -50,8 +54,9 @@ def _dequant_workload(args) -> Workload:
 
 
 CSRC_KERNELS = (
-    CsrcKernel("csrc_nf4_gemv_lora", "nf4_gemv_lora.cu", r"nf4_gemv_lora_kernelI13__nv_bfloat16Li(\d+)ELi(\d+)E",
-               ("MT", "R"), _gemv_workload),
+    CsrcKernel("csrc_nf4_gemv_lora", "nf4_gemv_lora.cu",
+               r"nf4_gemv_lora_kernelI13__nv_bfloat16Li(\d+)ELi(\d+)ELb([01])E", ("MT", "R", "double_quant"),
+               _gemv_workload),
     CsrcKernel("csrc_nf4_dequantize", "nf4_dequantize.cu", r"nf4_dequantize_kernelI13__nv_bfloat16E", (),
                _dequant_workload),
 )

@@ -40,6 +40,8 @@ ARCHS = {"sm_80": 80, "sm_90": 90}
 EXPECTED_MMA = {"sm_80": "mma.sync", "sm_90": "wgmma.mma_async"}
 # kernels whose configs must not spill (the ISSUE's "fused forward/backward main configs")
 MAIN_KERNELS = ("nf4_lora_linear_fwd", "nf4_lora_linear_bwd_dx")
+# the GEMV compiled for decode (M = 1) and for its largest M (16, a whole MMA of rows)
+GEMV_SPECS = {"nf4_gemv_lora": 1, "nf4_gemv_lora_m16": 16}
 
 _W0_POINTERS = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
                 "nested_quant_map_ptr": "*fp32", "offset_ptr": "*fp32"}
@@ -47,7 +49,7 @@ _NF4_FORMAT = {"QBLOCK": 64, "NESTED_BLOCK": 256, "DOUBLE_QUANT": True}
 _W0_CONSTS = {**_NF4_FORMAT, "UPCAST_DOT": False}
 
 # The non-pointer, non-constexpr arguments of a real launch of a Llama-2-7B 4096 x 4096 layer at
-# M = 4096 tokens, r = 16, one adapter with dropout 0.05 (the GEMV overrides M with decode's 1).
+# M = 4096 tokens, r = 16, one adapter with dropout 0.05 (the GEMV specs override M with theirs).
 LARGE_LAUNCH = {"M": 4096, "N": 4096, "K": 4096, "R": 16, "stride_xm": 4096, "stride_sm": 16, "M_BUCKET": 4096,
                 "n_adapters": 1, "n_bytes": 4096 * 4096 // 2, "p": 0.05, "keep_scale": 1 / 0.95}
 
@@ -79,12 +81,20 @@ def _bwd_dx_workload(config) -> Workload:
                     tile={"M": bm, "K": bk, "N": bn})
 
 
-def _gemv_workload(config) -> Workload:
-    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    # the MMA pads M to 16 rows
-    return Workload("gemv", "mma", work=bn * 16 * bk, weights=bn * bk, threads=32 * config.num_warps,
-                    tile={"N": bn, "M": 16, "K": bk, "SPLIT_K": config.kwargs["SPLIT_K"]},
-                    hbm_bytes_per_weight=NF4_BYTES_PER_WEIGHT, dense_bytes_per_weight=DENSE_BYTES_PER_WEIGHT)
+def _gemv_workload(m_pad: int):
+    def workload(config) -> Workload:
+        # nf4_gemv.py's tile: the MMA has COLS columns, M_PAD rows of X per absmax block of the tile
+        # (block-diagonal X^T), so a tile of TILE_K = N_GROUPS blocks costs BLOCK_N x COLS x TILE_K
+        # MACs; TILES tiles go per loop iteration when one tile is one block
+        bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+        cols = max(config.kwargs["MMA_COLS"], m_pad)
+        group_k = min(_NF4_FORMAT["QBLOCK"], bk)
+        tile_k = min(cols // m_pad, bk // group_k) * group_k
+        step_k = max(bk // tile_k, 1) * tile_k
+        return Workload("gemv", "mma", work=bn * cols * step_k, weights=bn * step_k, threads=32 * config.num_warps,
+                        tile={"N": bn, "M": m_pad, "K": step_k, "MMA_COLS": cols, "SPLIT_K": config.kwargs["SPLIT_K"]},
+                        hbm_bytes_per_weight=NF4_BYTES_PER_WEIGHT, dense_bytes_per_weight=DENSE_BYTES_PER_WEIGHT)
+    return workload
 
 
 def _dequant_workload(config) -> Workload:
@@ -110,11 +120,12 @@ def kernel_specs(dtype: str = "bf16") -> list:
                    {"dy_ptr": act, **_W0_POINTERS, "g_ptr": act, "a_ptr": act, "rank_start_ptr": "*i32",
                     "dropout_p_ptr": "*fp32", "seed_ptr": "*i64", "dx_ptr": act},
                    {**lora, **_W0_CONSTS}, workload=_bwd_dx_workload),
-        KernelSpec("nf4_gemv_lora", nf4_gemv_lora_kernel.fn, configs.CONFIGS["nf4_gemv_lora"],
-                   {"x_ptr": act, **_W0_POINTERS, "s_ptr": act, "b_ptr": act, "bias_ptr": act, "y_ptr": act,
-                    "partial_ptr": "*fp32", "counter_ptr": "*i32"},
-                   {**lora, "HAS_BIAS": True, **_W0_CONSTS, "M_PAD": 1}, launch={**LARGE_LAUNCH, "M": 1},
-                   workload=_gemv_workload),
+        *(KernelSpec(name, nf4_gemv_lora_kernel.fn, configs.CONFIGS["nf4_gemv_lora"],
+                     {"x_ptr": act, **_W0_POINTERS, "s_ptr": act, "b_ptr": act, "bias_ptr": act, "y_ptr": act,
+                      "partial_ptr": "*fp32", "counter_ptr": "*i32"},
+                     {**lora, "HAS_BIAS": True, **_W0_CONSTS, "M_PAD": m}, launch={**LARGE_LAUNCH, "M": m},
+                     workload=_gemv_workload(m))
+          for name, m in GEMV_SPECS.items()),
         KernelSpec("nf4_dequantize", nf4_dequantize_kernel, {arch: [dequant_config] for arch in ARCHS},
                    {**_W0_POINTERS, "out_ptr": act}, dict(_NF4_FORMAT), workload=_dequant_workload,
                    options={"enable_fp_fusion": False}),

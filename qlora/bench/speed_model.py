@@ -33,6 +33,7 @@ import re
 from qlora.bench import sass
 
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed codes, u8 absmax per 64, fp32 nested per 256 blocks
+NF4_FP32_ABSMAX_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # without double quantization: fp32 absmax per 64
 DENSE_BYTES_PER_WEIGHT = 2.0  # bf16
 
 
