@@ -13,13 +13,21 @@ output (fwd) or of dX (bwd, full) relative to the reference's largest magnitude.
 On CPU, Triton providers can only run in Triton's interpreter (TRITON_INTERPRET=1): they are run
 once there and checked, never timed, since the interpreter's time says nothing about the kernels.
 
+Predictions: every row of ``qlora-fused`` / ``qlora-dequant-cublas`` carries the static speed
+model's predicted time of the path it ran (``qlora.ops.path_times``: a lower bound, for the GPU
+arch's model machine), and the report has a table of every path's predicted time per shape, so a
+GPU run puts measured beside predicted. ``--predicted`` prints only that table (no kernel runs;
+works without a GPU).
+
 Files in ``--out``: bench_kernels.json / .csv (one row per measurement, with the environment),
-bench_kernels.md, and bench_kernels_<mode>_r<rank>.png (time against M, one panel per shape,
-one line per provider).
+bench_kernels.md, bench_kernels_<mode>_r<rank>.png (time against M, one panel per shape, one line
+per provider) and, on a GPU, path_times_measured.json: the measured time of each path in the
+format ``qlora.ops.path_times.MEASURED_FILE`` reads (copy it there to make the dispatcher use it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +44,7 @@ QUICK_M = (1, 64)
 QUICK_RANKS = (8,)
 SMALL_M = 16  # at or below: report GB/s against the copy peak (reading W0 bounds the time)
 BASELINES = ("dense-bf16", "unsloth-style", "hf-stack")  # the speedup columns of the Markdown table
+PROVIDER_PATH = {"qlora-fused": "fused", "qlora-dequant-cublas": "dense"}  # the layer's path each provider pins
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Settings:
     device: str
     quick: bool
     out: str
+    arch: str  # whose predictions the report shows
 
 
 def _int_list(text: str) -> list[int]:
@@ -94,6 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny shapes ({QUICK_SHAPES}) on CPU, all modes, in under a minute")
     parser.add_argument("--out", default="runs/bench", help="output directory")
+    parser.add_argument("--predicted", action="store_true",
+                        help="print only the static speed model's predicted time of each path per shape "
+                             "(no kernel runs; works without a GPU)")
+    parser.add_argument("--arch", choices=["sm_80", "sm_90"], default=None,
+                        help="arch of the predictions (default: this GPU's; sm_90 without one)")
 
 
 def preset_shapes(name: str) -> list:
@@ -150,7 +165,55 @@ def resolve(args) -> Settings:
                     rank=args.rank or list(QUICK_RANKS if quick else DEFAULT_RANKS),
                     mode=args.mode or (list(MODES) if quick else ["fwd"]),
                     provider=args.provider or list(PROVIDERS), rounds=rounds, budget_ms=budget_ms,
-                    device=str(device), quick=quick, out=args.out)
+                    device=str(device), quick=quick, out=args.out,
+                    arch=args.arch or (_gpu_arch() if device.type == "cuda" else "sm_90"))
+
+
+def _gpu_arch() -> str:
+    from qlora.kernels.configs import current_arch
+
+    return current_arch()
+
+
+def provider_path(provider: str, m: int, mode: str) -> str | None:
+    """The path of the layer that ``provider`` runs (None: not our layer)."""
+    from qlora.kernels.configs import GEMV_MAX_M
+
+    path = PROVIDER_PATH.get(provider)
+    return "gemv" if path == "fused" and mode == "fwd" and m <= GEMV_MAX_M else path
+
+
+def predictions(settings: Settings) -> list:
+    """One row per shape, rank, M and mode: every path's predicted ms on ``settings.arch`` and the
+    path the dispatcher takes there."""
+    from qlora.ops import path_times
+
+    rows = []
+    for n, k, modules in settings.nk:
+        for r in settings.rank:
+            for m in settings.m:
+                for mode in settings.mode:
+                    ms = _predicted_ms(settings.arch, mode, m, n, k, r)
+                    rows.append(dict(n=n, k=k, modules=modules, rank=r, m=m, mode=mode, arch=settings.arch,
+                                     **{f"predicted_ms_{p}": ms.get(p) for p in path_times.PATHS},
+                                     chosen=path_times.best_path(settings.arch, m, n, k, r, mode != "fwd")))
+    return rows
+
+
+def predicted_markdown(rows: list, arch: str) -> str:
+    from qlora.ops import path_times
+
+    machine = path_times.predicted_table()["archs"][arch]["machine"]["name"]
+    table = [[f"{row['n']}x{row['k']} ({row['modules']})", str(row["rank"]), str(row["m"]), row["mode"],
+              *[harness.fmt(row[f"predicted_ms_{p}"]) for p in path_times.PATHS], row["chosen"]] for row in rows]
+    header = ["N×K", "r", "M", "mode", *[f"{p} ms" for p in path_times.PATHS], "dispatcher takes"]
+    return "\n".join([
+        f"## Predicted time of each path: {arch} on {machine} (static speed model)", "",
+        "A lower bound from the SASS of each kernel's main loop (`qlora kernels inspect`) and cuBLAS at "
+        "the rated bf16 peak / HBM bandwidth; latency, launch overhead and stalls come on top. "
+        "mode bwd / full: the fused path's forward is the fused kernel (the GEMV serves inference only). "
+        "The dispatcher takes measured times over these where a GPU run filled its table.", "",
+        harness.markdown_table(header, table), ""])
 
 
 def work(n: int, k: int, m: int, r: int, mode: str, lora: bool, weight_bytes: int) -> tuple[int, int]:
@@ -244,7 +307,11 @@ def _run(settings: Settings, device: torch.device) -> dict:
             del layers, problem
     out_dir = Path(settings.out)
     files = harness.write_rows(rows, out_dir, "bench_kernels")
-    text = markdown(rows, env, peak, skipped)
+    if device.type == "cuda":
+        measured = out_dir / "path_times_measured.json"
+        measured.write_text(json.dumps(measured_path_times(rows, settings.arch), indent=1) + "\n", encoding="utf-8")
+        files.append(measured)
+    text = markdown(rows, env, peak, skipped) + "\n" + predicted_markdown(predictions(settings), settings.arch)
     (out_dir / "bench_kernels.md").write_text(text, encoding="utf-8")
     files.append(out_dir / "bench_kernels.md")
     files += plot(rows, out_dir)
@@ -271,14 +338,17 @@ def _compare(problem, layers, x, dy, mode, settings, device, base: dict) -> list
         if not interpreted(name, device):
             calls[name], contexts[name] = call, layer.context
     timed = harness.time_interleaved(calls, device, settings.rounds, settings.budget_ms, grads, contexts)
+    predicted = _predicted_ms(settings.arch, mode, m, n, k, r)
     small = m <= SMALL_M
     peak = base["peak_copy_gb_per_s"] if small else base["peak_gemm_bf16_tflops"]
     rows = []
     for name, layer in layers.items():
         weight_bytes = 2 * n * k if name == "dense-bf16" else problem.weight.nbytes()
         flops, moved = work(n, k, m, r, mode, layer.has_lora, weight_bytes)
+        path = provider_path(name, m, mode)
         row = dict(base, provider=name, lora=layer.has_lora, flops=flops, bytes=moved,
-                   metric="GB/s" if small else "TFLOP/s", max_rel_err=errors[name])
+                   metric="GB/s" if small else "TFLOP/s", max_rel_err=errors[name], path=path,
+                   predicted_ms=predicted.get(path), predicted_arch=settings.arch)
         if name in timed:
             p50, p20, p80, count = timed[name]
             row.update(timing="timed", ms_p50=p50, ms_p20=p20, ms_p80=p80, samples=count,
@@ -291,6 +361,20 @@ def _compare(problem, layers, x, dy, mode, settings, device, base: dict) -> list
                        pct_peak=None)
         rows.append(row)
     return rows
+
+
+def _predicted_ms(arch: str, mode: str, m: int, n: int, k: int, r: int) -> dict:
+    from qlora.ops import path_times
+
+    return {p: 1e3 * path_times.predicted_seconds(arch, p, mode, m, n, k, r)
+            for p in path_times.candidates(m, training=mode != "fwd")}
+
+
+def measured_path_times(rows: list, arch: str) -> list:
+    """The timed rows of our layer's providers as ``qlora.ops.path_times`` measured-table rows."""
+    return [dict(arch=arch, gpu=row["device"], m=row["m"], n=row["n"], k=row["k"], r=row["rank"], mode=row["mode"],
+                 path=row["path"], seconds=row["ms_p50"] / 1e3, date=row["date"])
+            for row in rows if row["path"] and row["lora"] and row["timing"] == "timed"]
 
 
 def markdown(rows: list, env: dict, peak: dict, skipped: dict) -> str:
@@ -310,7 +394,8 @@ def markdown(rows: list, env: dict, peak: dict, skipped: dict) -> str:
     lines += ["Time: ms, median [20th, 80th percentile]. Throughput: TFLOP/s, or GB/s for M <= "
               f"{SMALL_M}; % of the measured peak. `×X`: X's time / this time (> 1: faster than X). "
               "dense-bf16 computes X·W0ᵀ alone (no LoRA). err: max |out - ref| / max |ref| of Y (fwd) "
-              "or dX (bwd, full) against an fp32 reference.", ""]
+              "or dX (bwd, full) against an fp32 reference. predicted ms (path): the static speed model's "
+              f"lower bound for the path the provider ran, on {rows[0]['predicted_arch']} (table at the end).", ""]
     groups = {}
     for row in rows:
         groups.setdefault((row["mode"], row["rank"]), []).append(row)
@@ -325,9 +410,11 @@ def markdown(rows: list, env: dict, peak: dict, skipped: dict) -> str:
             else:
                 cells = ["*interpreter*", "-", "-"]
             speedups = [harness.fmt(row.get(f"speedup_vs_{b}")) for b in baselines]
+            predicted = f"{harness.fmt(row['predicted_ms'])} ({row['path']})" if row["predicted_ms"] else "-"
             table.append([f"{row['n']}x{row['k']} ({row['modules']})", str(row["m"]), row["provider"], *cells,
-                          *speedups, f"{row['max_rel_err']:.2e}"])
-        header = ["N×K", "M", "provider", "ms", "throughput", "% peak", *[f"×{b}" for b in baselines], "err"]
+                          predicted, *speedups, f"{row['max_rel_err']:.2e}"])
+        header = ["N×K", "M", "provider", "ms", "throughput", "% peak", "predicted ms (path)",
+                  *[f"×{b}" for b in baselines], "err"]
         lines += [f"## mode {mode}, rank {rank}", "", harness.markdown_table(header, table), ""]
     return "\n".join(lines)
 
@@ -368,6 +455,10 @@ def plot(rows: list, out_dir: Path) -> list[Path]:
 
 
 def main_from_args(args) -> int:
+    if args.predicted:
+        settings = resolve(args)
+        print(predicted_markdown(predictions(settings), settings.arch))
+        return 0
     result = run(args)
     print(result["markdown"])
     print("wrote " + ", ".join(str(f) for f in result["files"]))

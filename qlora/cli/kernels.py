@@ -19,6 +19,9 @@ def register(subparsers):
                          help="only this kernel (as named in the table's kernel column); repeatable")
     inspect.add_argument("--json", action="store_true",
                          help="print JSON (machine constants and one row per kernel config) instead of a table")
+    inspect.add_argument("--write-table", nargs="?", const="", default=None, metavar="PATH",
+                         help="also write the NF4 kernels' predictions for the ops-layer dispatcher "
+                              "(default: qlora/ops/path_times_predicted.json; needs both archs)")
     inspect.set_defaults(func=run_inspect)
 
 
@@ -41,6 +44,19 @@ def _predicted(r, model: dict) -> str:
     return summary(model) if model else ""
 
 
+def _write_table(results, archs, path: str) -> None:
+    from pathlib import Path
+
+    from qlora.bench.path_table import build
+    from qlora.ops.path_times import PREDICTED_FILE
+    from qlora.util.atomic import write_atomic
+
+    target = Path(path) if path else PREDICTED_FILE
+    text = json.dumps(build(results, archs), indent=1) + "\n"  # built before the file is touched
+    write_atomic(target, lambda f: f.write(text.encode("utf-8")))
+    print(f"wrote {target}", file=sys.stderr)
+
+
 def run_inspect(args) -> int:
     # Triton 3.9 warns that its fp-fusion default will change; the kernels are compiled with the
     # default a launch in this Triton gets, so the note is not about this report
@@ -50,6 +66,9 @@ def run_inspect(args) -> int:
     from qlora.bench.speed_model import DEFAULT_MACHINE, table
 
     archs = args.arch or ["sm_80", "sm_90"]
+    if args.write_table is not None and sorted(archs) != ["sm_80", "sm_90"]:
+        print("error: --write-table needs both archs (leave out --arch)", file=sys.stderr)
+        return 2
     results = [r for arch in archs for r in inspect_kernels(arch, kernels=args.kernel)]
     if nvcc() is None:
         print("note: nvcc not found: the csrc/ kernels are not inspected", file=sys.stderr)
@@ -73,6 +92,11 @@ def run_inspect(args) -> int:
         for row in [header, *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     found = problems(results)
+    if args.write_table is not None:
+        try:
+            _write_table(results, archs, args.write_table)
+        except ValueError as exc:  # an NF4 config without a prediction
+            found.append(f"--write-table: {exc}")
     for line in found:
         print(f"problem: {line}", file=sys.stderr)
     return 1 if found else 0

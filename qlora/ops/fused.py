@@ -12,8 +12,10 @@ differentiable torch ops, so the Function sees one LoRA term and autograd routes
 to each adapter's A_a and B_a (including the factor s_a). Dropout seeds are drawn on the device
 per forward, saved, and the masks are regenerated in backward.
 
-Per-shape path (``choose_path``): M <= 16 -> split-K GEMV; M >= the measured crossover of this
-GPU -> dequantize W0 into a reused buffer + cuBLAS + LoRA epilogue; otherwise the fused kernel.
+Per-shape path (``choose_path``): of the split-K GEMV (M <= 16, no gradients), the fused kernels
+and "dequantize W0 into a reused buffer + cuBLAS", the one with the lowest time for this GPU arch
+and shape: measured where a GPU run filled the table, else predicted by the static speed model
+(``qlora.ops.path_times``).
 """
 import contextlib
 import weakref
@@ -25,19 +27,14 @@ from qlora.kernels.dequant import NF4_CODE_VALUES, nf4_dequantize
 from qlora.kernels.nf4_gemv import nf4_gemv_lora
 from qlora.kernels.nf4_lora_linear import lora_a, lora_dropout, nf4_lora_linear_fwd
 from qlora.kernels.nf4_lora_linear_bwd import nf4_lora_linear_bwd_dx
-
-# M from which "dequantize + cuBLAS" beats the fused kernel, per arch. None: not measured yet on
-# that arch, so the fused kernel serves every M > 16. Filled from the GPU benchmark
-# (bitsandbytes observed such a crossover on H100/H200; our kernels have not been timed yet).
-DENSE_FROM_M = {"sm_80": None, "sm_90": None}
-
+from qlora.ops.path_times import best_path
 
 _pinned = None  # "fused" or "dense" inside pinned_path(), else None: the table decides
 
 
 @contextlib.contextmanager
 def pinned_path(path: str):
-    """Within the block, take ``path`` instead of the crossover table's choice: "dense" for every
+    """Within the block, take ``path`` instead of the path table's choice: "dense" for every
     M, or "fused" (with the GEMV kernel where it applies). Benchmarks use it so that each provider
     measures the path it names."""
     global _pinned
@@ -50,18 +47,13 @@ def pinned_path(path: str):
         _pinned = previous
 
 
-def choose_path(m: int, requires_grad: bool = False) -> str:
-    """'gemv', 'fused' or 'dense' for an activation with M rows."""
+def choose_path(m: int, n: int, k: int, r: int, requires_grad: bool = False) -> str:
+    """'gemv', 'fused' or 'dense' for X [m, k], W0 [n, k], LoRA rank r (0: none)."""
     if _pinned == "dense":
         return "dense"
-    if m <= GEMV_MAX_M and not requires_grad:
-        return "gemv"
     if _pinned == "fused":
-        return "fused"
-    crossover = DENSE_FROM_M[current_arch()]
-    if crossover is not None and m >= crossover:
-        return "dense"
-    return "fused"
+        return "gemv" if m <= GEMV_MAX_M and not requires_grad else "fused"
+    return best_path(current_arch(), m, n, k, r, training=requires_grad)
 
 
 class _NF4Fields:
@@ -103,11 +95,16 @@ def nf4_lora_linear_fwd_op(
         y = nf4_gemv_lora(x, weight, bias, *lora)
     elif path == "fused":
         y = nf4_lora_linear_fwd(x, weight, bias, *lora)
+    elif r:
+        w = nf4_dequantize(weight, _dequant_buffer(n * k, x.device, x.dtype))  # [N, K]
+        # S B_s^T (+ bias) first, then the base GEMM accumulates into it (cuBLAS beta = 1). Bytes of Y
+        # beyond the base GEMM's own write (2MN): 2MN written by the rank-R GEMM, 2MN read by the base
+        # GEMM's epilogue, hidden under its math where it is compute-bound (large M). Adding S B_s^T
+        # afterwards instead is a separate memory-bound pass reading and writing Y: 4MN.
+        y = torch.mm(s, b_scaled.t()) if bias is None else torch.addmm(bias, s, b_scaled.t())  # [M, N]
+        y.addmm_(x, w.t())
     else:
-        w = nf4_dequantize(weight, _dequant_buffer(n * k, x.device, x.dtype))
-        y = torch.nn.functional.linear(x, w, bias)
-        if r:
-            y.addmm_(s, b_scaled.t())
+        y = torch.nn.functional.linear(x, nf4_dequantize(weight, _dequant_buffer(n * k, x.device, x.dtype)), bias)
     return y, s
 
 
@@ -144,12 +141,17 @@ def nf4_lora_linear_bwd_op(
             x_d = lora_dropout(x, p, seeds[i:i + 1]) if p > 0.0 else x
             torch.mm(g[:, ranks].t(), x_d, out=d_a[ranks])  # dA_a = G_a^T X_d,a
     if path == "dense":
-        w = nf4_dequantize(weight, _dequant_buffer(n * k, x.device, x.dtype))
-        dx = dy @ w
+        w = nf4_dequantize(weight, _dequant_buffer(n * k, x.device, x.dtype))  # [N, K]
+        # As in the forward: the LoRA term dX = sum_a mask_a (G_a A_a) first, then dY W0 accumulated
+        # into it by cuBLAS (beta = 1, dX read in the compute-bound GEMM's epilogue), instead of a
+        # separate pass reading and writing dX (4MK bytes) after the base GEMM.
+        dx = None
         for i, p in enumerate(dropout_p if r else ()):
             ranks = slice(rank_start[i], rank_start[i + 1])
-            g_a = g[:, ranks] @ a_cat[ranks]
-            dx += lora_dropout(g_a, p, seeds[i:i + 1]) if p > 0.0 else g_a
+            g_a = g[:, ranks] @ a_cat[ranks]  # [M, K]
+            term = lora_dropout(g_a, p, seeds[i:i + 1]) if p > 0.0 else g_a
+            dx = term if dx is None else dx.add_(term)
+        dx = dy @ w if dx is None else dx.addmm_(dy, w)
     else:
         meta = None
         if r:
@@ -176,7 +178,8 @@ class NF4LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a_cat, b_scaled, rank_start, dropout_p, seeds):
         needs_grad = any(ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        path = choose_path(x.shape[0], requires_grad=needs_grad)
+        path = choose_path(x.shape[0], weight.shape[0], x.shape[1], a_cat.shape[0] if a_cat is not None else 0,
+                           requires_grad=needs_grad)
         tensors = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_quant_map, weight.offset)
         y, s = nf4_lora_linear_fwd_op(x, *tensors, weight.shape[0], weight.blocksize, weight.nested_blocksize,
                                       bias, a_cat, b_scaled, list(rank_start), list(dropout_p), seeds, path)

@@ -13,6 +13,7 @@ import torch
 from qlora.bench import harness, kernels
 from qlora.bench.linear_providers import PROVIDERS, LinearProblem
 from qlora.cli import main
+from qlora.ops import path_times
 
 # Relative error bound of every provider's Y or dX against the fp32 reference. Each path rounds
 # W0 and S = X·Aᵀ to bf16 (relative 2^-9 per element, random signs over K <= 256 terms, ~2^-9 of
@@ -79,6 +80,47 @@ def test_kernels_quick_markdown_says_what_is_not_speed(quick_kernels):
     for mode in kernels.MODES:
         assert f"## mode {mode}, rank 8" in text
     assert "*interpreter*" in text
+
+
+def test_kernels_quick_rows_carry_the_predicted_time_of_their_path(quick_kernels):
+    rows = _rows(quick_kernels / "bench_kernels.json")
+    for row in rows:
+        if row["provider"] in kernels.PROVIDER_PATH:
+            assert row["path"] == ("gemv" if row["provider"] == "qlora-fused" and row["mode"] == "fwd"
+                                   and row["m"] <= 16 else kernels.PROVIDER_PATH[row["provider"]])
+            expected = path_times.predicted_seconds("sm_90", row["path"], row["mode"], row["m"], row["n"], row["k"],
+                                                    row["rank"])
+            assert row["predicted_arch"] == "sm_90" and row["predicted_ms"] == pytest.approx(1e3 * expected)
+        else:
+            assert row["path"] is None and row["predicted_ms"] is None
+    text = (quick_kernels / "bench_kernels.md").read_text()
+    assert "## Predicted time of each path: sm_90 on H200" in text
+
+
+def test_kernels_predicted_prints_every_path_without_running_a_kernel(capsys, monkeypatch):
+    monkeypatch.setattr(kernels, "run", lambda args: pytest.fail("--predicted ran the benchmark"))
+    assert main(["bench", "kernels", "--predicted", "--shapes", "llama-2-70b", "--mode", "fwd,full"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    # 4 weight shapes x 2 ranks x 5 M x 2 modes, each with the time of every candidate path
+    assert len(cells) == 4 * len(kernels.DEFAULT_RANKS) * len(kernels.DEFAULT_M) * 2
+    for shape, r, m, mode, *ms, chosen in cells:
+        times = dict(zip(path_times.PATHS, ms))
+        candidates = path_times.candidates(int(m), training=mode != "fwd")
+        assert [p for p, t in times.items() if t != "-"] == list(candidates), (shape, m, mode)
+        assert float(times[chosen]) == min(float(times[p]) for p in candidates), (shape, r, m, mode, times)
+
+
+def test_measured_path_times_are_what_the_dispatcher_reads(tmp_path):
+    base = dict(device="NVIDIA H200", n=4096, k=4096, rank=16, date="2026-11-29", lora=True, timing="timed")
+    rows = [dict(base, provider="qlora-fused", path="fused", m=512, mode="full", ms_p50=2.0),
+            dict(base, provider="qlora-dequant-cublas", path="dense", m=512, mode="full", ms_p50=1.0),
+            dict(base, provider="dense-bf16", path=None, m=512, mode="full", ms_p50=0.5),
+            dict(base, provider="qlora-fused", path="fused", m=64, mode="full", ms_p50=None, timing="not timed")]
+    path = tmp_path / "path_times_measured.json"
+    path.write_text(json.dumps(kernels.measured_path_times(rows, "sm_90")))
+    assert path_times.measured_table(path) == {("sm_90", 512, 4096, 4096, 16, "full", "fused"): 2e-3,
+                                               ("sm_90", 512, 4096, 4096, 16, "full", "dense"): 1e-3}
 
 
 def test_problem_reference_matches_dequantized_layer():

@@ -13,11 +13,14 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
+from qlora.bench import path_table
 from qlora.bench.kernel_inspect import (EXPECTED_MMA, LARGE_LAUNCH, MAIN_KERNELS, InspectResult, KernelSpec,
                                         _config_label, kernel_specs, launch_source, problems)
 from qlora.cli import kernels as kernels_cli
 from qlora.kernels import configs
+from qlora.ops import path_times
 
 MODELLED = {spec.name: spec for spec in kernel_specs() if spec.workload is not None}
 
@@ -50,6 +53,14 @@ def test_every_nf4_config_compiles_with_a_main_loop(arch):
         limit = {"ratio_to_dense_gemm": (1.0, float("inf")), "speedup_over_dense_gemv": (0.0, 3.88),
                  "hbm_fraction": (0.0, 1.0)}[model["figure"]]
         assert limit[0] <= model["predicted"] <= limit[1] + 1e-9, r
+    # the dispatcher's table (qlora/ops/path_times_predicted.json) is what the model computes now;
+    # written with another Triton, its configs must still be these (the figures may differ)
+    committed = path_times.predicted_table()
+    entry = path_table.arch_entry(arch, results)
+    if committed["triton"] == triton.__version__:
+        assert committed["archs"][arch] == json.loads(json.dumps(entry)), "run: qlora kernels inspect --write-table"
+    assert {name: [c["config"] for c in rows] for name, rows in committed["archs"][arch]["kernels"].items()} == \
+        {name: [c["config"] for c in rows] for name, rows in entry["kernels"].items()}
     first = [r for r in results
              if r.kernel in MAIN_KERNELS and r.config == _config_label(configs.CONFIGS[r.kernel][arch][0])]
     assert {r.kernel for r in first} == set(MAIN_KERNELS)

@@ -30,7 +30,7 @@ def grads(fn, leaves, dy):
     for t in leaves:
         t.grad = None
     fn().backward(dy)
-    return [t.grad.clone() for t in leaves]
+    return [None if t.grad is None else t.grad.clone() for t in leaves]
 
 
 def check(ours, ref32, lowp):
@@ -38,15 +38,16 @@ def check(ours, ref32, lowp):
     assert err <= 2 * (lowp.float() - ref32).abs().max().item() + UNIT * ref32.abs().max().item()
 
 
-@pytest.mark.parametrize("path,m", [("fused", 3), ("fused", 130), ("dense", 64), ("gemv", 1)])
-def test_function_matches_reference(path, m, monkeypatch, bnb_nf4_weight):
-    if path == "dense":
-        monkeypatch.setitem(fused.DENSE_FROM_M, fused.current_arch(), 17)
+@pytest.mark.parametrize("path,m,with_bias", [("fused", 3, True), ("fused", 130, True), ("dense", 64, True),
+                                               ("dense", 3, False), ("gemv", 1, True)])
+def test_function_matches_reference(path, m, with_bias, bnb_nf4_weight):
     gen = torch.Generator().manual_seed(0)
     k, n = 192, 64
     weight, w = bnb_nf4_weight(n, k, torch.bfloat16, DEVICE, gen)
     x = torch.randn(2, m, k, generator=gen).bfloat16().to(DEVICE)  # 3-D input: [..., K]
     bias = torch.randn(n, generator=gen).bfloat16().to(DEVICE)
+    if not with_bias:
+        bias = torch.zeros_like(bias)  # the reference adds zeros; the layer gets None
     adapters = [types.SimpleNamespace(A=(torch.randn(r, k, generator=gen) / k**0.5).bfloat16().to(DEVICE),
                                       B=torch.randn(n, r, generator=gen).bfloat16().to(DEVICE), scaling=s, dropout=p)
                 for r, s, p in ((8, 2.0, 0.0 if path == "gemv" else 0.1), (1, 0.5, 0.0))]
@@ -59,16 +60,19 @@ def test_function_matches_reference(path, m, monkeypatch, bnb_nf4_weight):
     def ours():
         a_cat = torch.cat([a.A for a in adapters])
         b_scaled = torch.cat([a.B * a.scaling for a in adapters], dim=1)
-        return fused.NF4LoRALinearFunction.apply(x2d, weight, bias, a_cat, b_scaled, rank_start, dropout_p, seeds)
+        with fused.pinned_path("dense" if path == "dense" else "fused"):
+            return fused.NF4LoRALinearFunction.apply(x2d, weight, bias if with_bias else None, a_cat, b_scaled,
+                                                     rank_start, dropout_p, seeds)
 
     if path == "gemv":
-        with torch.no_grad():
-            assert fused.choose_path(x2d.shape[0]) == "gemv"
+        with torch.no_grad(), fused.pinned_path("fused"):
+            assert fused.choose_path(x2d.shape[0], n, k, 9) == "gemv"
             y = ours()
         check(y, reference(x2d, w, bias, adapters, masks, torch.float32),
               reference(x2d, w, bias, adapters, masks, torch.bfloat16))
         return
-    assert fused.choose_path(x2d.shape[0], requires_grad=True) == path
+    with fused.pinned_path("dense" if path == "dense" else "fused"):
+        assert fused.choose_path(x2d.shape[0], n, k, 9, requires_grad=True) == path
     leaves = [x2d.requires_grad_(), bias.requires_grad_()] + [t.requires_grad_() for a in adapters for t in (a.A, a.B)]
     dy = torch.randn(x2d.shape[0], n, generator=gen).bfloat16().to(DEVICE)
     y = ours()
@@ -81,6 +85,9 @@ def test_function_matches_reference(path, m, monkeypatch, bnb_nf4_weight):
     lowp_grads = grads(lambda: reference(x2d, w, bias, adapters, masks, torch.bfloat16), leaves, dy)
     check(y, y32.detach(), reference(x2d, w, bias, adapters, masks, torch.bfloat16).detach())
     for name, g, g32, glow in zip(["x", "bias", "A1", "B1", "A2", "B2"], ours_grads, ref32, lowp_grads):
+        if name == "bias" and not with_bias:
+            assert g is None
+            continue
         assert g.shape == g32.shape, name
         check(g, g32.grad, glow)
 
@@ -98,15 +105,23 @@ def test_triton_entry_point_reshapes_and_rejects_other_code_books(bnb_nf4_weight
 
 
 def test_pinned_path_overrides_the_table_and_restores_it(monkeypatch):
-    monkeypatch.setitem(fused.DENSE_FROM_M, fused.current_arch(), 100)
-    assert [fused.choose_path(m) for m in (1, 50, 200)] == ["gemv", "fused", "dense"]
+    table = {50: "fused", 200: "dense", 1: "gemv"}
+    monkeypatch.setattr(fused, "best_path", lambda arch, m, n, k, r, training: table[m])
+    assert [fused.choose_path(m, 64, 64, 8) for m in (1, 50, 200)] == ["gemv", "fused", "dense"]
     with fused.pinned_path("fused"):
-        assert [fused.choose_path(m) for m in (1, 50, 200)] == ["gemv", "fused", "fused"]
-        assert fused.choose_path(1, requires_grad=True) == "fused"
+        assert [fused.choose_path(m, 64, 64, 8) for m in (1, 50, 200)] == ["gemv", "fused", "fused"]
+        assert fused.choose_path(1, 64, 64, 8, requires_grad=True) == "fused"
         with fused.pinned_path("dense"):
-            assert [fused.choose_path(m) for m in (1, 50, 200)] == ["dense", "dense", "dense"]
-        assert fused.choose_path(200) == "fused"
-    assert fused.choose_path(200) == "dense"
+            assert [fused.choose_path(m, 64, 64, 8) for m in (1, 50, 200)] == ["dense", "dense", "dense"]
+        assert fused.choose_path(200, 64, 64, 8) == "fused"
+    assert fused.choose_path(200, 64, 64, 8) == "dense"
     with pytest.raises(ValueError, match="'gemv'"):
         with fused.pinned_path("gemv"):
             pass
+
+
+def test_choose_path_asks_the_path_table_with_the_layer_shape(monkeypatch):
+    asked = []
+    monkeypatch.setattr(fused, "best_path", lambda *args, **kw: asked.append((args, kw)) or "fused")
+    assert fused.choose_path(4096, 11008, 4096, 16, requires_grad=True) == "fused"
+    assert asked == [((fused.current_arch(), 4096, 11008, 4096, 16), {"training": True})]
