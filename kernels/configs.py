@@ -30,35 +30,45 @@ def _cfg(num_warps, num_stages, **block):
 
 
 # Fused forward: Y^T tile [BLOCK_N, BLOCK_M] = W0 tile . X^T tile, K loop, then the LoRA step.
-# Every entry compiles without register spills (checked by `qlora kernels inspect`, Triton 3.9
-# ptxas); 128x256 and 256x128 tiles spilled 400-1000 bytes on both archs and were dropped.
-# sm_90: one or two warpgroups per wgmma tile. sm_80: deeper cp.async pipelines.
+# Every entry compiles without register spills (checked by `qlora kernels inspect`). BLOCK_M is
+# the activation rows each dequantized weight is used for: the dequant costs the same per step
+# whatever BLOCK_M is, so the widest tile halves it per FLOP. sm_90: 8 warps = two consumer
+# warpgroups, each a 64 x BLOCK_M wgmma (64 x 256 at the widest, 128 fp32 accumulator registers
+# per thread). sm_80: mma.sync issues 8x more MMA instructions, so the 128 x 128 tile is the best.
 _FWD = {
     "sm_90": [
         _cfg(8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP_N=8),
         _cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
         _cfg(8, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
-        _cfg(8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
         _cfg(4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
     ],
     "sm_80": [
-        _cfg(8, 5, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
-        _cfg(8, 4, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
-        _cfg(8, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
+        _cfg(8, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
+        _cfg(4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
     ],
 }
 
-# Backward dX tile [BLOCK_M, BLOCK_K] = dY tile . W0 tile, loop over N (BLOCK_N per step).
+# Backward dX tile [BLOCK_M, BLOCK_K] = dY tile . W0 tile, loop over N (BLOCK_N per step). The
+# LoRA part keeps a second [BLOCK_M, BLOCK_K] fp32 accumulator (an adapter's partial sum before its
+# dropout mask), so 128 x 128 is the widest tile that does not spill. The BLOCK_K = 32 entry is for
+# K < 128 (configs_within_k).
 _BWD_DX = {
     "sm_90": [
         _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-        _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=32, BLOCK_N=64, GROUP_M=8),
     ],
     "sm_80": [
-        _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=32, BLOCK_N=64, GROUP_M=8),
     ],
 }
 
@@ -97,10 +107,17 @@ CONFIGS = {"nf4_lora_linear_fwd": _FWD, "nf4_lora_linear_bwd_dx": _BWD_DX, "nf4_
 # Under the interpreter: the smallest tiles tl.dot accepts, so tests on small shapes stay fast.
 _INTERPRET = {
     "nf4_lora_linear_fwd": [_cfg(4, 1, BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, GROUP_N=4)],
-    "nf4_lora_linear_bwd_dx": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=4)],
+    "nf4_lora_linear_bwd_dx": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, GROUP_M=4)],
     "nf4_gemv_lora": [_cfg(4, 1, BLOCK_N=32, BLOCK_K=128, MMA_COLS=8, SPLIT_K=2)],
     "lora_a": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64)],
 }
+
+
+def configs_within_k(configs, named_args, **kwargs) -> list:
+    """Autotune pruning of the dX kernel: only configs whose column tile fits in K (its last tile
+    is shifted back to end at K instead of being masked). K is a multiple of the NF4 blocksize,
+    so the BLOCK_K = 32 entry of every list always fits."""
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= named_args["K"]]
 
 
 def interpreting() -> bool:

@@ -1,4 +1,5 @@
-"""NF4 -> bf16/fp16 dequantization, as a tile helper for the fused kernels and as a standalone op.
+"""NF4 -> bf16/fp16 dequantization: the format, the code-book lookup every kernel that reads W0
+calls, the checked kernel arguments of an NF4 weight, and the standalone dequantize op.
 
 Format (bitsandbytes' packed NF4, double-quantized absmax). For a weight W of logical shape
 [N, K] (row-major, flat index i = n*K + k):
@@ -8,18 +9,13 @@ Format (bitsandbytes' packed NF4, double-quantized absmax). For a weight W of lo
     W.flat[i]           = quant_map[code_i] * absmax_fp32[i // QBLOCK]         (fp32, then cast)
 
 quant_map is the standard NF4 code book (``NF4_CODE_VALUES``, bitsandbytes' NF4 table; the format
-module checks every NF4Tensor against it). The kernels select the code value with a 4-level
-``where`` tree on compile-time constants instead of loading from a table: a per-element gather
-from global memory would be treated as a pipelined load (shared memory and registers per stage)
-and cost an LSU instruction per weight.
+module checks every NF4Tensor against it). Without double quantization ``absmax`` is already fp32
+and the first line is skipped. Because K is a multiple of QBLOCK, a quantization block never
+straddles two rows, so block b of row n covers columns [(b - n*K/QBLOCK) * QBLOCK, ... + QBLOCK)
+of that row.
 
-Without double quantization ``absmax`` is already fp32 and the first line is skipped. Because K is
-a multiple of QBLOCK, a quantization block never straddles two rows, so block b of row n covers
-columns [(b - n*K/QBLOCK) * QBLOCK, ... + QBLOCK) of that row.
-
-``nf4_dequant_tile`` is the one place that knows this layout; every kernel that reads W0 calls it
-with the rows and the column range it needs, so forward (tile [BLOCK_N, BLOCK_K] along K) and
-backward (same tile shape, consumed along N) read the same packed bytes without a second copy.
+The code book is looked up by warp shuffle (``nf4_word_values``, below) in every kernel: the
+GEMV, the standalone dequantize here, and the fused GEMMs' tile helper (nf4_tile.py).
 """
 import struct
 
@@ -129,63 +125,9 @@ def nf4_word_values(words):
 
 
 @triton.jit
-def nf4_dequant_tile(
-    packed_ptr,  # uint8 [N*K/2] packed codes, row-major over [N, K]
-    absmax_ptr,  # uint8 [N*K/QBLOCK] codes into nested_quant_map (DOUBLE_QUANT) or fp32 absmax
-    nested_absmax_ptr,  # fp32 [ceil(n_blocks / NESTED_BLOCK)] second-level scales
-    nested_quant_map_ptr,  # fp32 [256] signed dynamic map
-    offset,  # fp32 scalar added to every dequantized absmax (already loaded)
-    rows,  # int [BLOCK_ROWS] row indices n of W
-    k0,  # first column of the tile (a multiple of BLOCK_K)
-    N,
-    K,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    QBLOCK: tl.constexpr,
-    NESTED_BLOCK: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
-):
-    """Return W[rows, k0:k0+BLOCK_K] as OUT_DTYPE [BLOCK_ROWS, BLOCK_K]; out-of-range entries are 0.
-
-    Each value is quant_map[code] * absmax in fp32, rounded once to OUT_DTYPE (as the reference
-    dequantize does). The two nibbles of a byte share an absmax block (QBLOCK is even), so both
-    halves are scaled and rounded while still [BLOCK_ROWS, BLOCK_K/2] and interleaved last, in
-    16-bit: that keeps half as many fp32 values live as scaling the interleaved tile would.
-    """
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-
-    # ---- load the packed bytes: [BLOCK_ROWS, BLOCK_K/2] -------------------------------
-    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte_mask = row_ok[:, None] & (byte_cols[None, :] < K // 2)
-    packed = tl.load(packed_ptr + rows64[:, None] * (K // 2) + byte_cols[None, :], mask=byte_mask, other=0)
-
-    # ---- per-block absmax: BLOCK_K / QBLOCK blocks per row ----------------------------
-    blocks_per_row = K // QBLOCK
-    block_cols = k0 // QBLOCK + tl.arange(0, BLOCK_K // QBLOCK)
-    block_mask = row_ok[:, None] & (block_cols[None, :] < blocks_per_row)
-    block = rows64[:, None] * blocks_per_row + block_cols[None, :]
-    if DOUBLE_QUANT:
-        code = tl.load(absmax_ptr + block, mask=block_mask, other=0)
-        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCK, mask=block_mask, other=0.0)
-        scale = tl.load(nested_quant_map_ptr + code) * nested + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
-    scale = tl.where(block_mask, scale, 0.0)[:, :, None]  # [BLOCK_ROWS, blocks, 1]
-
-    # ---- code book lookup and scale, per nibble; the high nibble is the earlier element -
-    high = tl.reshape(nf4_code_value(packed >> 4), (BLOCK_ROWS, BLOCK_K // QBLOCK, QBLOCK // 2)) * scale
-    low = tl.reshape(nf4_code_value(packed & 0xF), (BLOCK_ROWS, BLOCK_K // QBLOCK, QBLOCK // 2)) * scale
-    high = tl.reshape(high, (BLOCK_ROWS, BLOCK_K // 2)).to(OUT_DTYPE)
-    low = tl.reshape(low, (BLOCK_ROWS, BLOCK_K // 2)).to(OUT_DTYPE)
-    return tl.reshape(tl.join(high, low), (BLOCK_ROWS, BLOCK_K))
-
-
-@triton.jit
 def nf4_dequantize_kernel(
     packed_ptr,  # uint8 [N*K/2] packed codes, read as int32 words (4-byte aligned)
-    absmax_ptr,  # uint8 or fp32 [N*K/QBLOCK] (see nf4_dequant_tile)
+    absmax_ptr,  # uint8 codes into nested_quant_map (DOUBLE_QUANT) or fp32 [N*K/QBLOCK]
     nested_absmax_ptr,  # fp32 second-level scales
     nested_quant_map_ptr,  # fp32 [256]
     offset_ptr,  # fp32 [1]

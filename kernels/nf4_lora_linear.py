@@ -18,7 +18,8 @@ import triton.language as tl
 
 from .lora_tile_ops import dropout_keep, mma, upcast_dot
 from .configs import kernel_configs, m_bucket
-from .dequant import nf4_dequant_tile, nf4_kernel_args
+from .dequant import declare_code_table, nf4_kernel_args
+from .nf4_tile import nf4_dequant_tile
 
 MAX_RANK = 256  # largest total rank R the kernels are tested for
 
@@ -61,16 +62,26 @@ def nf4_lora_linear_fwd_kernel(
 ):
     """Y^T[n, m] tile = sum_k W0[n, k] X[m, k] + sum_j B_s[n, j] S[m, j] (+ bias[n]); Y written once.
 
-    Speed design (target: within 5% of dense bf16 cuBLAS at M >= 4096; measured in the GPU issue):
+    Speed design (target: predicted <= 1.10x a dense bf16 GEMM of the same shape; the figures
+    below are SASS counts of the main loop, sm_90, Triton 3.9, 2026-11-29, see the README):
+    - The budget: one SM issues 4 warp-instructions per clock and its tensor cores do 4096 bf16
+      FLOP per clock, and each weight of a k-step meets BLOCK_M rows of X, so the main loop may
+      spend about BLOCK_M / 16 SASS instructions per weight (8 at BLOCK_M = 128, 16 at 256)
+      before instruction issue, not the MMA, sets the pace.
     - Swap-AB: the tile computed is Y^T = W0 . X^T, so the dequantized W0 tile is the MMA's LEFT
-      operand. On sm_90 wgmma takes its left operand from registers, so the tile is dequantized in
-      registers and consumed there, with no shared-memory round trip; X (the right operand) is a
-      plain bf16 tile that the software pipeline (num_stages) prefetches into shared memory.
-    - Bytes: W0 costs 0.5 B + 1/64 B per weight instead of 2 B, so at M >= 4096 the kernel is
-      compute-bound exactly like the dense GEMM; the only extra work is the dequant (one code book
-      lookup + one multiply per weight), amortized over BLOCK_M = 128-256 rows of X per weight.
-    - The absmax of a 64-column block is dequantized once per tile row (BLOCK_K/64 values),
-      straight from the uint8 code, the nested scale and the offset: no separate absmax pass.
+      operand, which wgmma (sm_90) and mma.sync (sm_80) take from registers; X (the right operand)
+      is a plain bf16 tile that the software pipeline (num_stages) prefetches into shared memory.
+      The dequantized registers still pass through shared memory once (Triton's convert_layout,
+      about 1.3 instructions per weight): a thread loads 8 consecutive bytes of a row, while the
+      MMA fragment gives each thread bytes 4 apart.
+    - Dequant: one warp shuffle per weight for the code book, one multiply by the block's absmax
+      in fp32 and half a conversion (nf4_tile.nf4_dequant_tile); no load in the loop carries a
+      mask. About 7.8 instructions per weight in all, amortized over BLOCK_M = 128-256 rows of X:
+      at BLOCK_M = 256 (two consumer warpgroups of 64 x 256) issue takes half the MMA time.
+    - Bytes: W0 costs 0.5 B + 1/64 B per weight instead of 2 B, so at large M the kernel is
+      compute-bound exactly like the dense GEMM.
+    - The absmax of a block is dequantized once per tile row and block, straight from the uint8
+      code, the nested scale and the offset: no separate absmax pass.
     - LoRA is one more MMA step of length R into the same fp32 accumulator, and the bias is added
       in the epilogue, so Y is stored once (the unfused path writes and re-reads Y twice).
     - GROUP_N tiles of W0 walk the M tiles together so their 4-bit tiles stay in L2.
@@ -85,20 +96,29 @@ def nf4_lora_linear_fwd_kernel(
     pid_n = first_n + (pid % tiles_per_group) % group_size
     pid_m = (pid % tiles_per_group) // group_size
 
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows of W0 and X are wrapped into range, so that no load in the main loop needs a mask
+    # (the wrapped rows compute values that the masked store discards); K is a multiple of QBLOCK,
+    # so when BLOCK_K divides QBLOCK the K loop has no ragged tile either.
+    n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = n_out % N
+    rm = m_out % M
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
+    EVEN_K: tl.constexpr = QBLOCK % BLOCK_K == 0
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     offset = tl.load(offset_ptr)
+    declare_code_table(pid)
 
     # ---- main loop: dequantize a W0 tile, multiply by the X tile -----------------------
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, offset,
                              rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, NESTED_BLOCK,
-                             DOUBLE_QUANT, x_ptr.dtype.element_ty)
-        x = tl.load(x_rows + (k0 + rk)[None, :], mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+                             DOUBLE_QUANT, x_ptr.dtype.element_ty, IN_BOUNDS=EVEN_K)
+        if EVEN_K:
+            x = tl.load(x_rows + (k0 + rk)[None, :])
+        else:
+            x = tl.load(x_rows + (k0 + rk)[None, :], mask=((k0 + rk) < K)[None, :], other=0.0)
         acc = mma(w, tl.trans(x), acc, UPCAST_DOT)
 
     # ---- LoRA: one more reduction of length R into the same accumulator ----------------
@@ -106,17 +126,16 @@ def nf4_lora_linear_fwd_kernel(
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < R
-            b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
-                        mask=(rn < N)[:, None] & r_ok[None, :], other=0.0)
-            s = tl.load(s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+            s = tl.load(s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
             acc = mma(b, tl.trans(s), acc, UPCAST_DOT)
 
     # ---- epilogue: bias, one rounding, store Y (transposed tile) -----------------------
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
     y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rm.to(tl.int64)[None, :] * N + rn[:, None], y, mask=(rn < N)[:, None] & m_ok[None, :])
+    tl.store(y_ptr + m_out.to(tl.int64)[None, :] * N + n_out[:, None], y,
+             mask=(n_out < N)[:, None] & (m_out < M)[None, :])
 
 
 @triton.autotune(configs=kernel_configs("lora_a"), key=["M_BUCKET", "K", "R"])
@@ -269,6 +288,11 @@ def nf4_lora_linear_fwd(x: torch.Tensor, weight, bias, s, b_scaled) -> torch.Ten
     r = check_lora_operands(s, b_scaled, m, n, x.dtype, "nf4_lora_linear_fwd")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
         raise ValueError(f"nf4_lora_linear_fwd: bias must be [{n}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if x.stride(0) % 16 or x.data_ptr() % 16:
+        # The X loads vectorize, and the widest tiles fit in registers, only when Triton sees a row
+        # stride divisible by 16 and an aligned base, as a fresh contiguous X has (K is a multiple
+        # of the blocksize >= 32): copy the rare view that has neither.
+        x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)
     nf4_lora_linear_fwd_kernel[grid](

@@ -16,12 +16,14 @@ import triton
 import triton.language as tl
 
 from .lora_tile_ops import dropout_keep, mma, upcast_dot
-from .configs import kernel_configs, m_bucket
-from .dequant import nf4_dequant_tile, nf4_kernel_args
+from .configs import configs_within_k, kernel_configs, m_bucket
+from .dequant import declare_code_table, nf4_kernel_args
+from .nf4_tile import nf4_dequant_tile
 from .nf4_lora_linear import _check_activation, lora_block_r
 
 
-@triton.autotune(configs=kernel_configs("nf4_lora_linear_bwd_dx"), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=kernel_configs("nf4_lora_linear_bwd_dx"), key=["M_BUCKET", "N", "K", "R"],
+                  prune_configs_by={"early_config_prune": configs_within_k})
 @triton.jit
 def nf4_lora_linear_bwd_dx_kernel(
     dy_ptr,  # [M, N] output gradient, contiguous
@@ -56,11 +58,14 @@ def nf4_lora_linear_bwd_dx_kernel(
     """dX tile [BLOCK_M, BLOCK_K] = sum_n dY[m, n] W0[n, k] + per-adapter masked G A; one store.
 
     Speed design: the same byte budget as the forward (0.5 B per weight, compute-bound at large
-    M). The W0 tile [BLOCK_N, BLOCK_K] is already the MMA's right operand in its natural row-major
-    orientation, so dequantizing along the other axis needs no transpose: the tile goes from
-    registers to shared memory once per step and feeds wgmma/mma. The LoRA part is R more
+    M) and the same dequant (nf4_tile.nf4_dequant_tile, mask-free in the main loop). The W0 tile
+    [BLOCK_N, BLOCK_K] is the MMA's right operand in its natural row-major orientation, so
+    dequantizing along the other axis needs no transpose: the tile goes from registers to shared
+    memory once per step and feeds wgmma/mma (about 7.5 SASS instructions per weight at 128 x 128
+    on sm_90, Triton 3.9, 2026-11-29: issue takes 94% of the MMA time). The LoRA part is R more
     reduction steps per adapter; an adapter's mask is applied to its partial sum only, which is
-    what lets several adapters with different dropout share one kernel.
+    what lets several adapters with different dropout share one kernel, at the price of a second
+    accumulator that keeps BLOCK_M at 128.
     """
     # ---- tile coordinates (grouped ordering: GROUP_M row tiles share dY in L2) ---------
     pid = tl.program_id(0)
@@ -72,11 +77,18 @@ def nf4_lora_linear_bwd_dx_kernel(
     pid_m = first_m + (pid % tiles_per_group) % group_size
     pid_k = (pid % tiles_per_group) // group_size
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    k_ok = rk < K
+    # No load needs a mask (a mask costs predicate and select instructions per load and step):
+    # rows of dY are wrapped into range (the masked store drops them); the last column tile is
+    # shifted back to end at K (configs with BLOCK_K > K are pruned), so it recomputes a few
+    # columns of its neighbour and stores the same values again; N is a multiple of QBLOCK, so
+    # when BLOCK_N divides QBLOCK the N loop has no ragged tile either.
+    m_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = m_out % M
+    k_start = min(pid_k * BLOCK_K, K - BLOCK_K)
+    rk = k_start + tl.arange(0, BLOCK_K)
+    EVEN_N: tl.constexpr = QBLOCK % BLOCK_N == 0
     offset = tl.load(offset_ptr)
+    declare_code_table(pid)
 
     # ---- LoRA: each adapter's G A, masked by that adapter's dropout --------------------
     # First, while the main loop's pipeline buffers are not live yet: that leaves registers for
@@ -90,29 +102,29 @@ def nf4_lora_linear_bwd_dx_kernel(
             for r0 in range(r_lo, r_hi, BLOCK_R):
                 rr = r0 + tl.arange(0, BLOCK_R)
                 r_ok = rr < r_hi
-                g = tl.load(g_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                            other=0.0)
-                a = tl.load(a_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                            other=0.0)
+                g = tl.load(g_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+                a = tl.load(a_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :], mask=r_ok[:, None], other=0.0)
                 part = mma(g, a, part, UPCAST_DOT)
             p = tl.load(dropout_p_ptr + adapter)
             if p > 0.0:
-                keep = dropout_keep(tl.load(seed_ptr + adapter), p, rm, pid_k * BLOCK_K, K, BLOCK_M, BLOCK_K)
+                keep = dropout_keep(tl.load(seed_ptr + adapter), p, rm, k_start, K, BLOCK_M, BLOCK_K)
                 part = tl.where(keep, part / (1.0 - p), 0.0)
             acc += part
 
     # ---- main loop over N: dY tile . dequantized W0 tile -------------------------------
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :],
-                     other=0.0)
+        if EVEN_N:
+            dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :])
+        else:
+            dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=(rn < N)[None, :], other=0.0)
         w = nf4_dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_quant_map_ptr, offset,
-                             rn, pid_k * BLOCK_K, N, K, BLOCK_N, BLOCK_K, QBLOCK, NESTED_BLOCK,
-                             DOUBLE_QUANT, dy_ptr.dtype.element_ty)
+                             rn, k_start, N, K, BLOCK_N, BLOCK_K, QBLOCK, NESTED_BLOCK,
+                             DOUBLE_QUANT, dy_ptr.dtype.element_ty, IN_BOUNDS=EVEN_N)
         acc = mma(dy, w, acc, UPCAST_DOT)
 
-    tl.store(dx_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & k_ok[None, :])
+    tl.store(dx_ptr + m_out.to(tl.int64)[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(m_out < M)[:, None])
 
 
 def nf4_lora_linear_bwd_dx(dy: torch.Tensor, weight, g, a_cat, rank_start, dropout_p, seeds) -> torch.Tensor:
@@ -127,6 +139,8 @@ def nf4_lora_linear_bwd_dx(dy: torch.Tensor, weight, g, a_cat, rank_start, dropo
     _check_activation(dy, n, "nf4_lora_linear_bwd_dx")
     if not dy.is_contiguous():
         raise ValueError("nf4_lora_linear_bwd_dx: dy must be contiguous")
+    if dy.data_ptr() % 16:
+        dy = dy.clone()  # vectorized dY loads need an aligned base (see nf4_lora_linear_fwd)
     m = dy.shape[0]
     if (g is None) != (a_cat is None):
         raise ValueError("nf4_lora_linear_bwd_dx: pass both G and A, or neither")

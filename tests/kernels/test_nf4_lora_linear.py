@@ -23,17 +23,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 class BnbNF4:
     """NF4Tensor fields from bitsandbytes' quantizer; ``dense`` is the format's fp32 definition."""
 
-    def __init__(self, w):
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        self.packed, self.shape, self.blocksize = packed, tuple(w.shape), 64
-        self.absmax, self.quant_map, self.offset = state.absmax, state.code, state.offset
-        self.nested_absmax, self.nested_quant_map = state.state2.absmax, state.state2.code
-        self.nested_blocksize = state.state2.blocksize
+    def __init__(self, w, blocksize=64, double_quant=True):
+        packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                           quant_type="nf4")
+        self.packed, self.shape, self.blocksize = packed, tuple(w.shape), blocksize
+        self.absmax, self.quant_map = state.absmax, state.code
         byte = packed.view(-1).long()
         codes = torch.stack([byte >> 4, byte & 0xF], dim=1).view(-1)
-        nested = self.nested_absmax.repeat_interleave(256)[: self.absmax.numel()]
-        absmax = self.nested_quant_map[self.absmax.long()] * nested + self.offset
-        self.dense = (self.quant_map[codes] * absmax.repeat_interleave(64)).view(self.shape)
+        absmax = self.absmax
+        if double_quant:
+            self.offset = state.offset
+            self.nested_absmax, self.nested_quant_map = state.state2.absmax, state.state2.code
+            self.nested_blocksize = state.state2.blocksize
+            nested = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: self.absmax.numel()]
+            absmax = self.nested_quant_map[self.absmax.long()] * nested + self.offset
+        self.dense = (self.quant_map[codes] * absmax.repeat_interleave(blocksize)).view(self.shape)
 
 
 def ulp(dtype):
@@ -59,9 +63,9 @@ CASES = [
 ]
 
 
-def make(m, k, n, r, dtype, seed=0):
+def make(m, k, n, r, dtype, seed=0, blocksize=64, double_quant=True):
     g = torch.Generator().manual_seed(seed)
-    weight = BnbNF4((torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEVICE))
+    weight = BnbNF4((torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEVICE), blocksize, double_quant)
     x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
     a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype).to(DEVICE)
     b = (torch.randn(n, r, generator=g) / r**0.5).to(dtype).to(DEVICE)
@@ -71,8 +75,21 @@ def make(m, k, n, r, dtype, seed=0):
 
 @pytest.mark.parametrize("m,k,n,r,dtype", CASES)
 def test_forward_and_dx(m, k, n, r, dtype):
-    weight, x, a, b, bias = make(m, k, n, r, dtype)
     p = 0.1 if r != 1 else 0.0  # dropout on most cases, off for r = 1
+    check_forward_and_dx(*make(m, k, n, r, dtype), p, dtype)
+
+
+# Blocksize 32 with K = 96 or 160: K is not a multiple of the forward's BLOCK_K (its masked K
+# loop); blocksize 128 is wider than the tiles; two cases keep fp32 absmax (no double quantization).
+@pytest.mark.parametrize("m,k,n,blocksize,double_quant", [(37, 96, 160, 32, True), (37, 256, 128, 128, False),
+                                                         (5, 160, 96, 32, False)])
+def test_forward_and_dx_other_blocksizes(m, k, n, blocksize, double_quant):
+    check_forward_and_dx(*make(m, k, n, 8, torch.bfloat16, blocksize=blocksize, double_quant=double_quant),
+                         0.1, torch.bfloat16)
+
+
+def check_forward_and_dx(weight, x, a, b, bias, p, dtype):
+    m, (n, r) = x.shape[0], b.shape
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
     w_lowp = weight.dense.to(dtype)  # what the kernel multiplies with
     b_scaled = (b * 2.0).contiguous()  # scaling 2.0 is exact in any float format
@@ -117,6 +134,19 @@ def test_forward_without_lora_or_bias_and_with_large_rank():
     y = nf4_lora_linear_fwd(x, weight, None, s, b)
     ref = x.float() @ w.float().t() + s.float() @ b.float().t()
     assert_within_torch_error(y, ref, x @ w.t() + s @ b.t(), torch.bfloat16)
+
+
+def test_forward_of_strided_and_offset_views():
+    """A row stride that is not a multiple of 16 or an unaligned base is copied first (the kernel
+    is compiled for vectorized X loads): same result as the contiguous X."""
+    weight, x, _, _, bias = make(7, 64, 64, 1, torch.bfloat16)
+    wide = torch.zeros(7, 72, dtype=torch.bfloat16, device=DEVICE)
+    wide[:, :64] = x
+    flat = torch.zeros(7 * 64 + 1, dtype=torch.bfloat16, device=DEVICE)
+    flat[1:] = x.flatten()
+    expected = nf4_lora_linear_fwd(x, weight, bias, None, None)
+    for view in (wide[:, :64], flat[1:].view(7, 64)):
+        assert torch.equal(nf4_lora_linear_fwd(view, weight, bias, None, None), expected)
 
 
 def test_dx_two_adapters_with_different_dropout():
