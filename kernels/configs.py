@@ -34,7 +34,10 @@ def _cfg(num_warps, num_stages, **block):
 # the activation rows each dequantized weight is used for: the dequant costs the same per step
 # whatever BLOCK_M is, so the widest tile halves it per FLOP. sm_90: 8 warps = two consumer
 # warpgroups, each a 64 x BLOCK_M wgmma (64 x 256 at the widest, 128 fp32 accumulator registers
-# per thread). sm_80: mma.sync issues 8x more MMA instructions, so the 128 x 128 tile is the best.
+# per thread). sm_80: mma.sync issues 8x more MMA instructions, and at 128 x 128 x 64 ptxas puts
+# about 270 register moves per thread around a step's 64 HMMA (8 per weight); at BLOCK_K = 32 the
+# 128 x 256 and 256 x 128 tiles fit in registers without them and keep instruction issue under the
+# MMA time (sm_80 SASS, Triton 3.9, 2026-11-29; figures in the README).
 _FWD = {
     "sm_90": [
         _cfg(8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
@@ -45,8 +48,9 @@ _FWD = {
         _cfg(4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
     ],
     "sm_80": [
+        _cfg(8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=32, GROUP_N=8),
+        _cfg(8, 3, BLOCK_N=256, BLOCK_M=128, BLOCK_K=32, GROUP_N=8),
         _cfg(8, 4, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
-        _cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
         _cfg(4, 4, BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, GROUP_N=8),
         _cfg(8, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
         _cfg(4, 4, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP_N=8),
@@ -55,16 +59,19 @@ _FWD = {
 
 # Backward dX tile [BLOCK_M, BLOCK_K] = dY tile . W0 tile, loop over N (BLOCK_N per step). The
 # LoRA part keeps a second [BLOCK_M, BLOCK_K] fp32 accumulator (an adapter's partial sum before its
-# dropout mask), so 128 x 128 is the widest tile that does not spill. The BLOCK_K = 32 entry is for
-# K < 128 (configs_within_k).
+# dropout mask), so the widest tiles that do not spill are 256 x 64 (two warpgroups of
+# 128 x 64: the dequant of a W0 tile serves 256 rows of dY) and 128 x 128; 256 x 128 spills (268
+# bytes on sm_90, Triton 3.9). The BLOCK_K = 32 entry is for K < 64 (configs_within_k).
 _BWD_DX = {
     "sm_90": [
+        _cfg(8, 3, BLOCK_M=256, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(4, 4, BLOCK_M=64, BLOCK_K=32, BLOCK_N=64, GROUP_M=8),
     ],
     "sm_80": [
+        _cfg(8, 3, BLOCK_M=256, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
         _cfg(8, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),

@@ -71,13 +71,12 @@ def nf4_lora_linear_fwd_kernel(
     - Swap-AB: the tile computed is Y^T = W0 . X^T, so the dequantized W0 tile is the MMA's LEFT
       operand, which wgmma (sm_90) and mma.sync (sm_80) take from registers; X (the right operand)
       is a plain bf16 tile that the software pipeline (num_stages) prefetches into shared memory.
-      The dequantized registers still pass through shared memory once (Triton's convert_layout,
-      about 1.3 instructions per weight): a thread loads 8 consecutive bytes of a row, while the
-      MMA fragment gives each thread bytes 4 apart.
+      The dequantized registers still pass through shared memory once (Triton's convert_layout):
+      the layout in which a thread loads whole 32-bit words of codes is not the MMA fragment's.
     - Dequant: one warp shuffle per weight for the code book, one multiply by the block's absmax
       in fp32 and half a conversion (nf4_tile.nf4_dequant_tile); no load in the loop carries a
-      mask. About 7.8 instructions per weight in all, amortized over BLOCK_M = 128-256 rows of X:
-      at BLOCK_M = 256 (two consumer warpgroups of 64 x 256) issue takes half the MMA time.
+      mask. About 8.2 instructions per weight in all, amortized over BLOCK_M = 128-256 rows of X:
+      at BLOCK_M = 256 (two warpgroups of 64 x 256 each) issue takes half the MMA time.
     - Bytes: W0 costs 0.5 B + 1/64 B per weight instead of 2 B, so at large M the kernel is
       compute-bound exactly like the dense GEMM.
     - The absmax of a block is dequantized once per tile row and block, straight from the uint8

@@ -61,11 +61,12 @@ def nf4_lora_linear_bwd_dx_kernel(
     M) and the same dequant (nf4_tile.nf4_dequant_tile, mask-free in the main loop). The W0 tile
     [BLOCK_N, BLOCK_K] is the MMA's right operand in its natural row-major orientation, so
     dequantizing along the other axis needs no transpose: the tile goes from registers to shared
-    memory once per step and feeds wgmma/mma (about 7.5 SASS instructions per weight at 128 x 128
-    on sm_90, Triton 3.9, 2026-11-29: issue takes 94% of the MMA time). The LoRA part is R more
-    reduction steps per adapter; an adapter's mask is applied to its partial sum only, which is
-    what lets several adapters with different dropout share one kernel, at the price of a second
-    accumulator that keeps BLOCK_M at 128.
+    memory once per step and feeds wgmma/mma (sm_90, Triton 3.9, 2026-11-29: 7.7 SASS instructions
+    per weight at 128 x 128, issue 96% of the MMA time; 12.1 at 256 x 64, where each W0 tile serves
+    256 rows of dY: 75%). The LoRA part is R more reduction steps per adapter; an adapter's mask is
+    applied to its partial sum only, which is what lets several adapters with different dropout
+    share one kernel, at the price of a second accumulator that limits the tile to 256 x 64 or
+    128 x 128 (configs.py).
     """
     # ---- tile coordinates (grouped ordering: GROUP_M row tiles share dY in L2) ---------
     pid = tl.program_id(0)
