@@ -12,9 +12,10 @@ The kernel's fp32 accumulation adds ~K * 2^-24 relative, negligible next to one 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+import triton
 
 from qlora.kernels.nf4_lora_linear import lora_a, lora_dropout, nf4_lora_linear_fwd
-from qlora.kernels.nf4_lora_linear_bwd import nf4_lora_linear_bwd_dx
+from qlora.kernels.nf4_lora_linear_bwd import nf4_lora_linear_bwd_dx, nf4_lora_linear_bwd_dx_kernel
 
 INTERPRET = not torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +87,15 @@ def test_forward_and_dx(m, k, n, r, dtype):
 def test_forward_and_dx_other_blocksizes(m, k, n, blocksize, double_quant):
     check_forward_and_dx(*make(m, k, n, 8, torch.bfloat16, blocksize=blocksize, double_quant=double_quant),
                          0.1, torch.bfloat16)
+
+
+def test_dx_last_column_tile_shifted_back(monkeypatch):
+    """K = 96 with 64-column dX tiles: the last tile is shifted back to columns 32..95 instead of
+    masked, so it recomputes and stores again the 32 columns it shares with the first tile; they
+    must come out as the reference's, dropout included (the mask is a function of row and column)."""
+    tile = triton.Config({"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(nf4_lora_linear_bwd_dx_kernel, "configs", [tile])  # one config: no autotuning
+    check_forward_and_dx(*make(37, 96, 160, 8, torch.bfloat16, blocksize=32), 0.1, torch.bfloat16)
 
 
 def check_forward_and_dx(weight, x, a, b, bias, p, dtype):
