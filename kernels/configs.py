@@ -33,10 +33,10 @@ def _cfg(num_warps, num_stages, **block):
 # Every entry compiles without register spills as a large launch compiles it (ints divisible by 16
 # specialized, spills read as local stores in the launched cubin's SASS: the speed-model branch's
 # inspector, Triton 3.9 and 3.6). Today's `qlora kernels inspect` compiles without that
-# specialization and reruns ptxas on its own, reports spills for some 256-row and 4-warp entries, so each
-# list starts with a 128-row entry, the one its test compiles; the autotuner times them all. BLOCK_M is
-# the activation rows each dequantized weight is used for: the dequant costs the same per step
-# whatever BLOCK_M is, so the widest tile halves it per FLOP. sm_90: 8 warps = two
+# specialization, reruns ptxas on its own and reports spills for some 256-row and 4-warp entries,
+# so each list starts with a 128-row entry, the one its test compiles; the autotuner times them all.
+# BLOCK_M is the activation rows each dequantized weight is used for: the dequant costs the same
+# per step whatever BLOCK_M is, so the widest tile halves it per FLOP. sm_90: 8 warps = two
 # warpgroups, each a 64 x BLOCK_M wgmma (64 x 256 at the widest, 128 fp32 accumulator registers
 # per thread). sm_80: mma.sync issues 8x more MMA instructions, and at 128 x 128 x 64 ptxas puts
 # about 270 register moves per thread around a step's 64 HMMA (8 per weight); at BLOCK_K = 32 the
