@@ -201,7 +201,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._adapter_args()
         if isinstance(self.base_layer, Linear4bit):
-            return nf4_lora_linear(x, self.base_layer.weight, self.base_layer.bias, adapters, self.training)
+            return nf4_lora_linear(x, self.base_layer.nf4, self.base_layer.bias, adapters, self.training)
         y = self.base_layer(x)
         for adapter in adapters:
             y = y + lora_delta(x, adapter, self.training)
