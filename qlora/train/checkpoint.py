@@ -3,7 +3,8 @@
 A checkpoint is the directory ``<output_dir>/checkpoints/step-<N>/`` holding
 
     adapter/               the LoRA adapter in PEFT's format (adapter_config.json + safetensors)
-    optimizer.pt           optimizer state dict          (read with torch.load(weights_only=True))
+    optimizer.pt           optimizer state dict          (read with torch.load(weights_only=True));
+                           under FSDP the whole (gathered) one, keyed by parameter name
     scheduler.pt           lr scheduler state dict
     rng-rank<R>.pt         python, numpy, torch and CUDA RNG states of each process
     trainer_state.json     step, data position, tokens seen, non-finite steps in a row
@@ -126,11 +127,11 @@ def write_rng(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
 
 
-def write_checkpoint_files(tmp: Path, *, cfg: Config, state: TrainerState, optimizer, scheduler,
+def write_checkpoint_files(tmp: Path, *, cfg: Config, state: TrainerState, optimizer_state: dict, scheduler,
                            save_adapter_fn) -> None:
     """Everything but the RNG files (each process writes its own with ``write_rng``)."""
     save_adapter_fn(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     (tmp / "config.yaml").write_text(dump_config(cfg))

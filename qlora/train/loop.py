@@ -4,7 +4,7 @@ non-finite-step guard, evaluation, sample answers, metrics and checkpoints.
 Loss normalization: an optimizer step covers ``gradient_accumulation_steps`` micro-batches on
 each of ``world_size`` processes. The trained tokens of all of them, N, are counted first, and
 each micro-batch's loss is (sum of its per-token losses) / N, times world_size because DDP
-averages gradients over processes. The step's gradient is then exactly that of the mean loss
+(and FSDP's reduce-scatter) averages gradients over processes. The step's gradient is then exactly that of the mean loss
 over all N tokens, whatever the split into micro-batches and processes — so 4 micro-batches of
 1 sequence give the same update as 1 micro-batch of 4 (the per-micro-batch mean that some
 trainers accumulate does not).
@@ -12,6 +12,7 @@ trainers accumulate does not).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ from qlora.data.batching import BatchStream, collate, single
 from qlora.data.formats import IGNORE_INDEX
 from qlora.ops.losses import chunked_cross_entropy
 from qlora.train import checkpoint as ckpt
+from qlora.train import fsdp
 from qlora.adalora.training import AdaLoRATraining
 from qlora.train.config import Config, config_to_dict, dump_config
 from qlora.train.dataset import build_data, prompt_and_answer
@@ -57,27 +59,35 @@ def _output_head(model) -> nn.Module:
     return head.original_module
 
 
+def token_loss(model, input_ids, labels, num_items, attention_mask=None, position_ids=None):
+    """The model's summed next-token loss divided by ``num_items``. Labels are already shifted
+    (see qlora.data.formats)."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False)
+    head = _output_head(model).weight
+    hidden = out.last_hidden_state.to(head.dtype)
+    if get_backend(hidden.device) in ("triton", "cuda"):
+        return chunked_cross_entropy(hidden, head, labels, num_items_in_batch=num_items)
+    # qlora.ops.losses is Triton-only; on the torch backend the [tokens, vocab] logits are
+    # materialized, which is what that backend is for (CPU and small models).
+    logits = (hidden @ head.t()).float()
+    summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                         ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / num_items
+
+
 class LossModule(nn.Module):
-    """The model's summed next-token loss divided by ``num_items``, as one module, so DDP wraps
-    (and synchronizes) the whole forward. Labels are already shifted (see qlora.data.formats)."""
+    """:func:`token_loss` as one module, so DDP wraps (and synchronizes) the whole forward. Under
+    FSDP the model carries it as a registered forward method (``fsdp.FSDP_LOSS_METHOD``), so that
+    the root unit gathers the embeddings and ``lm_head`` around it."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, labels, num_items, attention_mask=None, position_ids=None):
-        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False)
-        head = _output_head(self.model).weight
-        hidden = out.last_hidden_state.to(head.dtype)
-        if get_backend(hidden.device) in ("triton", "cuda"):
-            return chunked_cross_entropy(hidden, head, labels, num_items_in_batch=num_items)
-        # qlora.ops.losses is Triton-only; on the torch backend the [tokens, vocab] logits are
-        # materialized, which is what that backend is for (CPU and small models).
-        logits = (hidden @ head.t()).float()
-        summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-        return summed / num_items
+        loss = getattr(self.model, fsdp.FSDP_LOSS_METHOD, None) or functools.partial(token_loss, self.model)
+        return loss(input_ids, labels, num_items, attention_mask=attention_mask, position_ids=position_ids)
 
 
 @dataclass
@@ -239,7 +249,9 @@ class Trainer:
 
             enable_checkpointing(self.model, offload=cfg.model.offload_activations)
         self.model.train()
+        self.fsdp_plan = self._shard() if fsdp.fsdp_requested() else None
         self.data = build_data(cfg, self.tokenizer)
+        # after sharding: under FSDP the optimizer updates each process's shards
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = ckpt.TrainerState(world_size=self.world)
@@ -249,8 +261,30 @@ class Trainer:
                                   cfg.train.micro_batch_size * self.world, cfg.train.seed,
                                   cfg.data.group_by_length and not cfg.data.packing,
                                   position=self.state.data_position)
-        self.loss_module = self.acc.prepare(LossModule(self.model))
+        # the FSDP-sharded model synchronizes itself; accelerate wraps only an unsharded one (DDP)
+        self.loss_module = LossModule(self.model) if self.fsdp_plan else self.acc.prepare(LossModule(self.model))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _shard(self) -> list[str]:
+        """Shard the model with FSDP2 (see qlora.train.fsdp); returns the memory plan to print."""
+        layer_class = type(fsdp.decoder_layers(self.model)[0]).__name__
+        settings = fsdp.fsdp_settings(self.cfg, self.world, layer_class)
+        before = fsdp.held_bytes(self.model)
+        layer_bytes = sum(fsdp.held_bytes(fsdp.decoder_layers(self.model)[0]).values())
+        fsdp.shard_model(self.model, self.world, settings, loss=functools.partial(token_loss, self.model))
+        after = [None] * self.world
+        torch.distributed.all_gather_object(after, fsdp.held_bytes(self.model))
+        return fsdp.memory_plan_lines(before, after, layer_bytes)
+
+    def _whole_model(self):
+        """All processes enter: under FSDP the parameters are gathered while inside."""
+        return fsdp.gathered(self.model) if self.fsdp_plan else contextlib.nullcontext()
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state to checkpoint (all processes call it: under FSDP it gathers)."""
+        if self.fsdp_plan:
+            return fsdp.full_optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
 
     # ---- output --------------------------------------------------------------------------
     def record(self, metrics: Optional[MetricsLog], record: dict) -> None:
@@ -281,7 +315,11 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Optimizer, scheduler, counters and RNG states of checkpoint ``path`` (the adapter was
         loaded with the model)."""
-        self.optimizer.load_state_dict(ckpt.read_torch(path / "optimizer.pt"))
+        optimizer_state = ckpt.read_torch(path / "optimizer.pt")
+        if self.fsdp_plan:
+            fsdp.load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(ckpt.read_torch(path / "scheduler.pt"))
         self.state = ckpt.read_trainer_state(path)
         ckpt.set_rng_state(ckpt.read_torch(path / f"rng-rank{self.acc.process_index}.pt"))
@@ -307,15 +345,17 @@ class Trainer:
         self.acc.wait_for_everyone()
         tmp = root / f".tmp-step-{step}"
         ckpt.write_rng(tmp, self.acc.process_index)
+        optimizer_state = self._optimizer_state()
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            ckpt.write_checkpoint_files(tmp, cfg=self.cfg, state=self.state,
-                                        optimizer=self.optimizer, scheduler=self.scheduler,
-                                        save_adapter_fn=self.save_adapter)
-            if self.adalora is not None:
-                self.adalora.write_state(tmp)
-            ckpt.publish(tmp, step, self.cfg.checkpoint.keep)
-        self.acc.wait_for_everyone()
+        with self._whole_model():
+            if self.acc.is_main_process:
+                ckpt.write_checkpoint_files(tmp, cfg=self.cfg, state=self.state,
+                                            optimizer_state=optimizer_state, scheduler=self.scheduler,
+                                            save_adapter_fn=self.save_adapter)
+                if self.adalora is not None:
+                    self.adalora.write_state(tmp)
+                ckpt.publish(tmp, step, self.cfg.checkpoint.keep)
+            self.acc.wait_for_everyone()
 
     # ---- one optimizer step --------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
@@ -354,7 +394,8 @@ class Trainer:
             loss_sum += float(loss.detach())
         loss_value = self._all_sum(loss_sum)
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
@@ -380,6 +421,8 @@ class Trainer:
                  f"{n_params:,} trainable parameters; device {acc.device}, {self.world} process(es), "
                  f"{'NF4 base' if cfg.quant.enabled else 'dense base'}")
         self.log(self.data.summary())
+        for line in self.fsdp_plan or []:
+            self.log(line)
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
         if acc.is_main_process:
@@ -463,8 +506,11 @@ class Trainer:
             self.log(f"answer after:    {result.sample_after!r}")
         if result.exact_match_after is not None:
             self.log(f"held-out exact match after: {self._format_match(result.exact_match_after)}")
+        with self._whole_model():
+            if acc.is_main_process:
+                _publish_adapter(self.save_adapter, result.adapter_dir)
+            acc.wait_for_everyone()
         if acc.is_main_process:
-            _publish_adapter(self.save_adapter, result.adapter_dir)
             self.log(f"adapter (PEFT format): {result.adapter_dir}")
             if cfg.logging.loss_plot:
                 plot_loss(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
