@@ -18,7 +18,10 @@ def register(subparsers) -> None:
     e.add_argument("--rank", type=int, default=16)
     e.add_argument("--targets", default="all-linear",
                    help="'all-linear' or comma-separated projections (q_proj,v_proj,...)")
-    e.add_argument("--optimizer", choices=est.OPTIMIZERS, default="paged_adamw")
+    e.add_argument("--optimizer", choices=est.OPTIMIZERS, default=None,
+                   help="default: paged_adamw on one GPU, adamw with --gpus > 1 (what FSDP trains with)")
+    e.add_argument("--gpus", type=int, default=1,
+                   help="per-GPU memory when FSDP2 shards the run over this many GPUs")
     e.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--offload-checkpoints", action="store_true",
                    help="keep the layer checkpoints in host memory")
@@ -39,7 +42,8 @@ def register(subparsers) -> None:
 def run_estimate(args) -> int:
     config, source = est.load_config(args.model)
     setup = est.TrainSetup(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                           targets=est.parse_targets(args.targets), optimizer=args.optimizer,
+                           targets=est.parse_targets(args.targets), gpus=args.gpus,
+                           optimizer=args.optimizer or ("adamw" if args.gpus > 1 else "paged_adamw"),
                            grad_checkpointing=args.grad_checkpointing,
                            offload_checkpoints=args.offload_checkpoints, chunked_loss=args.chunked_loss)
     budget = int(args.gpu_gb * est.GB)

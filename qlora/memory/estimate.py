@@ -30,6 +30,13 @@ Sources:
            parameter padded to 256-element blocks.
   [ckpt]   Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": checkpointing each
            layer keeps its input (a·h per token) and recomputes one layer at a time in backward.
+  [FSDP2]  qlora.train.fsdp over G GPUs (torch's fully_shard, one unit per decoder layer plus the
+           root): every parameter keeps ceil(dim0 / G) of its rows per GPU (an NF4 weight exactly
+           1/G of its codes, absmax codes and nested scales; its 1,092 bytes of maps and offset on
+           every GPU), and so do the LoRA grads and AdamW states. A unit is gathered whole while it
+           runs; FSDP2 prefetches the next layer's all-gather and stages it in a flat buffer, and
+           keeps the root unit (embeddings, final norm, lm_head) whole from the forward until its
+           backward. Activations are per GPU: each GPU runs its own batch_size x seq_len.
 
 All byte counts are exact integers; the report prints GB = 10^9 bytes, the unit of the published
 tables this module is compared against.
@@ -142,9 +149,10 @@ class TrainSetup:
     compute_bytes: int = 2   # bf16 activations and 16-bit base params
     lora_bytes: int = 4      # fp32 adapters (PEFT's default autocast_adapter_dtype=True)
     device: str = "cuda"     # "cpu": no CUDA context
+    gpus: int = 1            # > 1: per-GPU memory under FSDP2 over this many GPUs [FSDP2]
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "rank"):
+        for name in ("seq_len", "batch_size", "rank", "gpus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         unknown = [t for t in self.targets if t not in ALL_LINEAR]
@@ -152,6 +160,9 @@ class TrainSetup:
             raise ValueError(f"targets {list(self.targets)}: each must be one of {list(ALL_LINEAR)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} must be one of {list(OPTIMIZERS)}")
+        if self.gpus > 1 and self.optimizer != "adamw":
+            raise ValueError(f"optimizer {self.optimizer!r} with gpus={self.gpus}: FSDP trains with adamw "
+                             "(the paged optimizers keep state for whole tensors)")
         if self.offload_checkpoints and not self.grad_checkpointing:
             raise ValueError("offload_checkpoints needs grad_checkpointing (the offloaded tensors "
                              "are the checkpoints)")
@@ -215,6 +226,15 @@ def count_params(arch: Architecture, setup: TrainSetup) -> ParamCounts:
                        biases=L * per_layer_biases, lora=L * per_layer_lora)
 
 
+def shard_numel(shape: tuple, gpus: int) -> int:
+    """Elements of ``shape`` one GPU holds under FSDP2: ceil(dim0 / G) rows [FSDP2]."""
+    rows = -(-shape[0] // gpus)
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return rows * rest
+
+
 def nf4_bytes(n: int, double_quant: bool = True) -> tuple:
     """(codes, constants) bytes of one weight of n elements in [bnb]'s NF4 layout.
 
@@ -234,13 +254,43 @@ def nf4_bytes(n: int, double_quant: bool = True) -> tuple:
 
 
 def lora_tensor_numels(arch: Architecture, setup: TrainSetup) -> list:
-    """Element count of every LoRA A and B matrix, layer by layer, in module order."""
+    """Element count of every LoRA A [r, in] and B [out, r] matrix one GPU holds, layer by layer,
+    in module order (all of each with one GPU; ceil(dim0 / G) rows of each under FSDP2)."""
     numels = []
     for _ in range(arch.num_layers):
         for name, (k, n, _) in arch.linear_shapes().items():
             if name in setup.targets:
-                numels += [setup.rank * k, n * setup.rank]
+                numels += [shard_numel((setup.rank, k), setup.gpus), shard_numel((n, setup.rank), setup.gpus)]
     return numels
+
+
+def sixteen_bit_numel(arch: Architecture, params: ParamCounts, gpus: int) -> int:
+    """Elements of the 16-bit parameters one GPU holds: embedding [V, h], lm_head [V, h] unless tied,
+    2L + 1 norms [h], the projections' biases."""
+    if gpus == 1:
+        return params.unquantized
+    V, h, L = arch.vocab_size, arch.hidden_size, arch.num_layers
+    embeddings = (1 if arch.tie_word_embeddings else 2) * shard_numel((V, h), gpus)
+    biases = sum(L * shard_numel((n,), gpus) for _, n, bias in arch.linear_shapes().values() if bias)
+    return embeddings + (2 * L + 1) * shard_numel((h,), gpus) + biases
+
+
+def fsdp_gathered_components(arch: Architecture, setup: TrainSetup) -> list:
+    """[FSDP2] transients: gathered units and the unsharded LoRA grads before the reduce-scatter."""
+    a, lb, h, V = setup.compute_bytes, setup.lora_bytes, arch.hidden_size, arch.vocab_size
+    shapes = arch.linear_shapes()
+    layer_nf4 = sum(sum(nf4_bytes(k * n)) for k, n, _ in shapes.values())
+    layer_dense = a * (2 * h + sum(n for _, n, bias in shapes.values() if bias))
+    layer_lora = lb * sum(setup.rank * (k + n) for name, (k, n, _) in shapes.items() if name in setup.targets)
+    layer = layer_nf4 + layer_dense + layer_lora
+    root = a * ((1 if arch.tie_word_embeddings else 2) * V * h + h)
+    return [
+        Component("gathered layers", 3 * layer + layer_lora, "gpu",
+                  "3·(one layer whole: NF4 + norms + LoRA): running, prefetched, all-gather buffer; "
+                  "+ its LoRA grads before the reduce-scatter", peak_only=True),
+        Component("gathered root", root, "gpu", "a·(V·h embedding + V·h lm_head unless tied + h)",
+                  peak_only=True),
+    ]
 
 
 def optimizer_state_bytes(numels: list, optimizer: str) -> int:
@@ -377,26 +427,31 @@ def estimate(config: dict, setup: TrainSetup, source: str = "config") -> Estimat
     params = count_params(arch, setup)
     shapes = arch.linear_shapes()
     codes = constants = 0
+    G = setup.gpus
     for k, n, _ in shapes.values():
         c, q = nf4_bytes(k * n)
-        codes += arch.num_layers * c
-        constants += arch.num_layers * q
+        # [FSDP2]: 1/G of the codes and of the per-block scales; the per-tensor constants whole
+        codes += arch.num_layers * (c // G)
+        constants += arch.num_layers * ((q - NF4_TENSOR_CONSTANT_BYTES) // G + NF4_TENSOR_CONSTANT_BYTES)
     a, lb = setup.compute_bytes, setup.lora_bytes
     lora_numels = lora_tensor_numels(arch, setup)
+    per_gpu = "" if G == 1 else f", per GPU of {G} [FSDP2]"
     on_device = "gpu"
     est = Estimate(arch, setup, params)
     est.components += [
-        Component("nf4 base weights", codes, on_device, "Σ ceil(n/2): 4 bits per weight [QLoRA]"),
+        Component("nf4 base weights", codes, on_device, "Σ ceil(n/2): 4 bits per weight [QLoRA]" + per_gpu),
         Component("nf4 quant constants", constants, on_device,
-                  "Σ ceil(n/64) + 4·ceil(n/16384) + 1092: double-quantized absmax [QLoRA][bnb]"),
-        Component("16-bit params", a * params.unquantized, on_device,
-                  "a·(V·h embedding + V·h lm_head unless tied + (2L+1)·h norms + biases)"),
-        Component("lora params", lb * params.lora, on_device, "lora_bytes·L·Σ r·(in+out)"),
-        Component("lora grads", lb * params.lora, on_device, "same as the LoRA params"),
+                  "Σ ceil(n/64) + 4·ceil(n/16384) + 1092: double-quantized absmax [QLoRA][bnb]" + per_gpu),
+        Component("16-bit params", a * sixteen_bit_numel(arch, params, G), on_device,
+                  "a·(V·h embedding + V·h lm_head unless tied + (2L+1)·h norms + biases)" + per_gpu),
+        Component("lora params", lb * sum(lora_numels), on_device, "lora_bytes·L·Σ r·(in+out)" + per_gpu),
+        Component("lora grads", lb * sum(lora_numels), on_device, "same as the LoRA params"),
         Component("optimizer states", optimizer_state_bytes(lora_numels, setup.optimizer),
                   on_device, f"AdamW m and v ({setup.optimizer}, see optimizer_state_bytes)"),
     ]
     est.components += activation_components(arch, setup)
+    if G > 1:
+        est.components += fsdp_gathered_components(arch, setup)
     # The reference (PyTorch) NF4 path dequantizes one whole weight per matmul.
     largest = max(k * n for k, n, _ in shapes.values())
     est.components.append(Component("dequant workspace", a * largest, on_device,
@@ -425,9 +480,11 @@ def lora16_bytes(config: dict, setup: TrainSetup) -> int:
 
 
 def comparison(config: dict, setup: TrainSetup) -> list:
-    """Rows {method, with_checkpointing, without_checkpointing} in bytes, same seq/batch/rank."""
-    with_ckpt = replace(setup, grad_checkpointing=True, offload_checkpoints=False)
-    without = replace(setup, grad_checkpointing=False, offload_checkpoints=False)
+    """Rows {method, with_checkpointing, without_checkpointing} in bytes, same seq/batch/rank, on
+    one GPU."""
+    one_gpu = replace(setup, gpus=1)
+    with_ckpt = replace(one_gpu, grad_checkpointing=True, offload_checkpoints=False)
+    without = replace(one_gpu, grad_checkpointing=False, offload_checkpoints=False)
     return [
         {"method": "full fine-tune (16-bit AdamW)", "with_checkpointing": full_finetune_bytes(config, with_ckpt),
          "without_checkpointing": full_finetune_bytes(config, without)},

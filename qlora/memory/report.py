@@ -30,7 +30,8 @@ def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: i
     ckpt += ", chunked loss" if s.chunked_loss else ""
     lines = [f"QLoRA memory estimate: {est.architecture.model_type}, "
              f"{est.params.base_total / 1e9:.2f}B params, seq_len {s.seq_len} x batch "
-             f"{s.batch_size}, rank {s.rank}, {s.optimizer}, checkpointing {ckpt}",
+             f"{s.batch_size}, rank {s.rank}, {s.optimizer}, checkpointing {ckpt}"
+             + (f"; per GPU, FSDP2 over {s.gpus} GPUs" if s.gpus > 1 else ""),
              "", f"{'component':<26}{'GB':>10}  {'where':<6} formula"]
     for c in est.components:
         where = c.device + ("*" if c.peak_only else "")
@@ -42,9 +43,9 @@ def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: i
     lines.append(f"{verdict} in {gb(gpu_bytes)} GB")
     lines.append(f"largest seq_len at batch {fit['at_batch_size']}: {fit['max_seq_len']}; "
                  f"largest batch at seq_len {fit['at_seq_len']}: {fit['max_batch_size']}")
-    lines += ["", f"{'same model, same seq_len x batch':<34}{'ckpt GB':>10}{'no ckpt GB':>12}"]
+    lines += ["", f"{'same model, same seq_len x batch, 1 GPU':<41}{'ckpt GB':>10}{'no ckpt GB':>12}"]
     for row in comparison_rows:
-        lines.append(f"{row['method']:<34}{gb(row['with_checkpointing']):>10}"
+        lines.append(f"{row['method']:<41}{gb(row['with_checkpointing']):>10}"
                      f"{gb(row['without_checkpointing']):>12}")
     return "\n".join(lines)
 

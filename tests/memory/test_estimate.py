@@ -223,3 +223,58 @@ def test_cli_json_and_table(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{\n  \"hidden_size\": 12,\n}")
     with pytest.raises(ValueError, match=r"bad.json:3: not valid JSON"):
         _cli(["memory", "estimate", "--model", str(tmp_path / "bad.json")])
+
+
+def test_fsdp_rows_are_what_the_sharded_tiny_model_holds():
+    """--gpus 2 against the real row sharding of qlora.nn.nf4_param on the built-in tiny Llama:
+    each NF4 weight split as fully_shard splits it (torch.chunk on dim 0), each dense parameter
+    and LoRA matrix as FSDP2 pads it (ceil(dim0 / 2) rows)."""
+    from qlora.model.fsdp import make_nf4_shardable
+    from qlora.model.inject import add_lora
+    from qlora.model.loading import quantize_model
+    from qlora.nn import Linear4bit
+    from qlora.train.model import builtin_model
+
+    model = builtin_model(init_seed=0)
+    quantize_model(model, blocksize=64, double_quant=True)
+    add_lora(model, r=4, alpha=8, target_modules=list(est.ALL_LINEAR))
+    make_nf4_shardable(model, 2)
+    nf4_shard = dense_shard = lora_shard = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, Linear4bit) and name == "weight":
+                nf4_shard += torch.chunk(p, 2, dim=0)[0].nf4.nbytes()
+            elif p.requires_grad:  # add_lora freezes everything but the adapters
+                lora_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
+            else:
+                dense_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
+    config = model.config.to_dict()
+    setup = est.TrainSetup(seq_len=16, rank=4, optimizer="adamw", compute_bytes=4, lora_bytes=4,
+                           device="cpu", gpus=2)
+    e = est.estimate(config, setup)
+    assert e.bytes_of("nf4 base weights") + e.bytes_of("nf4 quant constants") == nf4_shard
+    assert e.bytes_of("16-bit params") == dense_shard
+    assert e.bytes_of("lora params") == e.bytes_of("lora grads") == lora_shard
+    assert e.bytes_of("optimizer states") == 2 * lora_shard
+    one = est.estimate(config, est.TrainSetup(**{**vars(setup), "gpus": 1}))
+    assert e.bytes_of("nf4 base weights") * 2 == one.bytes_of("nf4 base weights")
+    # the same activations per GPU; the gathered units only under FSDP
+    assert e.bytes_of("activations") == one.bytes_of("activations")
+    assert one.bytes_of("gathered layers") == 0 < e.bytes_of("gathered layers")
+    h, V = config["hidden_size"], config["vocab_size"]
+    assert e.bytes_of("gathered root") == 4 * (2 * V * h + h)
+
+
+def test_fsdp_setup_and_cli(capsys):
+    with pytest.raises(ValueError, match="FSDP trains with adamw"):
+        est.TrainSetup(gpus=2, optimizer="paged_adamw")
+    with pytest.raises(ValueError, match="gpus must be >= 1"):
+        est.TrainSetup(gpus=0)
+    assert _cli(["memory", "estimate", "--model", "llama-2-70b", "--rank", "16", "--seq-len", "2048",
+                 "--gpus", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["setup"]["gpus"] == 2 and data["setup"]["optimizer"] == "adamw"
+    single = est.estimate(load_preset("llama-2-70b"), est.TrainSetup(rank=16, optimizer="adamw"))
+    assert data["total_gpu_bytes"] < single.gpu_bytes
+    assert _cli(["memory", "estimate", "--model", "llama-2-70b", "--gpus", "2"]) == 0
+    assert "per GPU, FSDP2 over 2 GPUs" in capsys.readouterr().out
