@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -97,3 +98,15 @@ def _byte_bpe_tokenizer(chat_template: str):
 @pytest.fixture
 def byte_bpe_tokenizer():
     return _byte_bpe_tokenizer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a TCP port nobody listens on now (for a launcher's rendezvous)."""
+    return _free_port

@@ -113,7 +113,8 @@ def memory_plan_lines(before: dict[str, int], after: list[dict[str, int]], layer
     """What each rank holds of the model, from ``held_bytes`` before sharding and on each rank after."""
     lines = [f"FSDP2 over {len(after)} processes, one unit per decoder layer; parameters per rank (MiB, measured):"]
     for rank, held in enumerate(after):
-        parts = ", ".join(f"{key.replace('_', ' ')} {held[key] / _MIB:.2f} of {before[key] / _MIB:.2f}" for key in before)
+        parts = ", ".join(f"{key.replace('_', ' ')} {held[key] / _MIB:.2f} of {before[key] / _MIB:.2f}"
+                          for key in before)
         lines.append(f"  rank {rank}: {parts}")
     lines.append(f"  while a decoder layer runs it is gathered whole: {layer_bytes / _MIB:.2f} MiB, twice that "
                  "with the next layer prefetched; AdamW state: 2 x trainable")

@@ -3,7 +3,6 @@
 training steps give the same loss and adapter as one process on the same global batch."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -74,13 +73,7 @@ if distributed:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_fsdp2_matches_one_process(tmp_path):
+def test_two_process_fsdp2_matches_one_process(tmp_path, free_port):
     script = tmp_path / "fsdp_train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "QLORA_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
@@ -90,7 +83,7 @@ def test_two_process_fsdp2_matches_one_process(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-              f"--master_port={_free_port()}"]
+              f"--master_port={free_port()}"]
     two = subprocess.run([*launch, str(script), str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

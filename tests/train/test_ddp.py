@@ -1,7 +1,6 @@
 """Two CPU processes started by `accelerate launch --multi_gpu --num_processes 2` (DDP over gloo)
 end with identical adapters, equal to one process training on the same global batch."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -29,13 +28,7 @@ save_file(adapter_state_dict(trainer.model), f"{out}/rank{rank}.safetensors")
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_matches_one_process(tmp_path):
+def test_two_process_ddp_matches_one_process(tmp_path, free_port):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     # HF_HOME: no accelerate config file of the user's may change the launch
@@ -48,7 +41,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # accelerate's --cpu would start one process unless mpirun is set up
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-              f"--main_process_port={_free_port()}"]
+              f"--main_process_port={free_port()}"]
     two = subprocess.run([*launch, str(script), str(tmp_path / "two"), "2"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -4,7 +4,6 @@ PEFT's format, and a run killed after a checkpoint resumes to a bit-identical ad
 asking for FSDP in a way that cannot be honoured is an error."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,35 +25,29 @@ SETTINGS = ["train.gradient_accumulation_steps=1", f"train.max_steps={STEPS}", "
             "lora.r=16", "lora.alpha=16", f"optim.lr={LR}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(out: Path, micro_batch: int, *extra) -> list[str]:
     return ["-m", "qlora", "train", *extra, "--set", f"train.output_dir={out}",
             f"train.micro_batch_size={micro_batch}", *SETTINGS]
 
 
-def _launch(out: Path, *extra) -> list[str]:
+def _launch(out: Path, port: int, *extra) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(ROOT / "examples" / "accelerate-fsdp2.yaml"),
-            "--mixed_precision=no", f"--main_process_port={_free_port()}", *_train(out, 2, *extra)]
+            "--mixed_precision=no", f"--main_process_port={port}", *_train(out, 2, *extra)]
 
 
 def _adapter(out: Path) -> dict:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_fsdp2_run_trains_like_one_process_and_resumes_exactly(tmp_path):
+def test_fsdp2_run_trains_like_one_process_and_resumes_exactly(tmp_path, free_port):
     # HF_HOME: no accelerate config file of the user's may change the launch
     env = {**os.environ, "QLORA_BACKEND": "torch", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
     one = subprocess.run([sys.executable, *_train(tmp_path / "one", 4)], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    full = subprocess.run(_launch(tmp_path / "full"), capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=600)
+    full = subprocess.run(_launch(tmp_path / "full", free_port()), capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
     assert "2 process(es)" in full.stdout
     plan = [line for line in full.stdout.splitlines() if line.strip().startswith("rank ")]
@@ -75,7 +68,7 @@ def test_fsdp2_run_trains_like_one_process_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=STEPS * LR)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_launch(killed), env=env, cwd=tmp_path, start_new_session=True,
+    proc = subprocess.Popen(_launch(killed, free_port()), env=env, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (killed / "checkpoints" / "step-2").is_dir():
@@ -84,7 +77,7 @@ def test_fsdp2_run_trains_like_one_process_and_resumes_exactly(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes
     proc.wait()
     assert not (killed / "adapter").exists()
-    resumed = subprocess.run(_launch(killed, "--resume"), capture_output=True, text=True, env=env,
+    resumed = subprocess.run(_launch(killed, free_port(), "--resume"), capture_output=True, text=True, env=env,
                              cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
