@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from qlora.quant.nf4 import DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, _blockwise_codes, check_quantizable
+from qlora.quant.nf4 import NF4Tensor, quantize
 from qlora.nn.linear4bit import Linear4bit
 
 # Elements of a weight quantized at once: the fp32 copy and the int64 codes of a slice cost about
@@ -29,36 +29,9 @@ _NF4_META_SUFFIX = ".quant_state.bitsandbytes__nf4"
 def quantize_chunked(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                      dtype: Optional[torch.dtype] = None,
                      chunk_elements: int = QUANT_CHUNK_ELEMENTS) -> NF4Tensor:
-    """``qlora.quant.nf4.quantize(w)`` bit for bit, with temporaries bounded by ``chunk_elements``.
-
-    Slices start at multiples of the blocksize, so every block is scaled and rounded exactly as
-    in one pass; the double quantization needs all block scales and runs once at the end (they are
-    1/blocksize of the weight). ``dtype`` is what the result dequantizes to (default ``w.dtype``).
-    """
-    check_quantizable(w, blocksize)
-    flat = w.detach().reshape(-1)
-    n = flat.numel()
-    step = max(blocksize, chunk_elements - chunk_elements % blocksize)
-    code = NF4_CODE.to(flat.device)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        codes, scales = _blockwise_codes(flat[start:stop].float(), code, blocksize)
-        if codes.numel() % 2:
-            codes = torch.cat([codes, codes.new_full((1,), 7)])  # bnb pads an odd count with 0.0 (code 7)
-        codes = codes.to(torch.uint8)
-        packed[start // 2: start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
-        absmax[start // blocksize: start // blocksize + scales.numel()] = scales
-    q = NF4Tensor(packed=packed.view(-1, 1), shape=torch.Size(w.shape), dtype=dtype or w.dtype,
-                  blocksize=blocksize, absmax=absmax, quant_map=code)
-    if double_quant:
-        offset = absmax.mean()
-        nested_map = DYNAMIC_MAP.to(flat.device)
-        absmax_codes, nested_absmax = _blockwise_codes(absmax - offset, nested_map, NESTED_BLOCKSIZE)
-        q.absmax, q.nested_absmax, q.nested_quant_map, q.offset = (
-            absmax_codes.to(torch.uint8), nested_absmax, nested_map, offset)
-    return q
+    """``qlora.quant.nf4.quantize(w)`` bit for bit, with temporaries bounded by ``chunk_elements``
+    (see its ``chunk_elements``). ``dtype`` is what the result dequantizes to (default ``w.dtype``)."""
+    return quantize(w, blocksize, double_quant, dtype=dtype, chunk_elements=chunk_elements)
 
 
 def _conv1d_class():

@@ -4,13 +4,31 @@ Format (QLoRA paper, §3; bitsandbytes ``quantize_4bit(quant_type="nf4", compres
 
 * A tensor ``w`` with ``n`` elements, read row-major, is cut into blocks of ``blocksize`` elements
   (the last block may be shorter). Block ``b`` has scale ``absmax[b] = max |w[block b]|``.
-* Each element is scaled to ``w / absmax`` in [-1, 1] and rounded to the nearest of the 16
-  ``NF4_CODE`` values (ties go to the lower code, as ``torch.bucketize`` on the midpoints).
+* Each element is scaled to ``w · (1 / absmax)`` (fp32) and rounded to the nearest of the 16
+  ``NF4_CODE`` values; one exactly on a midpoint takes the lower code.
 * Codes are packed two per byte, the first element of a pair in the high nibble:
   ``packed`` is uint8 ``[(n + 1) // 2, 1]``.
 * Double quantization: the fp32 ``absmax`` is centred by its mean ``offset`` and quantized blockwise
-  (block 256) to 8 bits with bitsandbytes' signed dynamic map ``DYNAMIC_MAP``; that leaves the uint8
-  ``absmax`` codes, one fp32 ``nested_absmax`` per 256 blocks, and the scalar ``offset``.
+  (block 256) to 8 bits with bitsandbytes' signed dynamic map ``DYNAMIC_MAP`` (nearest value; one
+  exactly on a midpoint takes the code of even index); that leaves the uint8 ``absmax`` codes, one
+  fp32 ``nested_absmax`` per 256 blocks, and the scalar ``offset``.
+
+Rounding rule: the one of bitsandbytes' CUDA kernel ``kQuantizeBlockwise`` (csrc/kernels.cu), which
+wrote most NF4 checkpoints in the wild. Its NF4 decision tree ``dQuantizeNF4`` compares ``x >
+threshold`` against the fp32 midpoints of ``NF4_CODE`` (so a tie goes down); its 8-bit
+``dQuantize`` is a binary search of fixed depth 7 from index 127 that always ends on an even index
+and compares ``x`` with the fp32 midpoints to that index's two neighbours with strict inequalities,
+so it returns the nearest code and, on a tie, the even index. Every block, the trailing partial one
+included, is scaled by the reciprocal of its absmax. bitsandbytes' CPU path differs (see
+``tests/quant/test_nf4.py``): its 8-bit ``quantize_cpu`` (csrc/cpu_ops.cpp) first snaps
+``x`` to a 65536-step grid over [-1, 1] and looks the grid point up in a table of nearest codes,
+which moves about 0.1% of the absmax codes by one; its NF4 path (a PyTorch op) divides the
+trailing partial block by its absmax instead of multiplying by the reciprocal. An all-zero block:
+bitsandbytes' CUDA kernel computes ``0 · (1/0)`` = NaN and the NF4 tree sends NaN to code 0
+(-1.0), which under double quantization dequantizes to ``-absmax'`` with the quantized
+``absmax' != 0``; here (as on bitsandbytes' CPU) such a block gets the code of 0.0 and stays 0. For
+the 8-bit codes both bitsandbytes kernels write code 0 for an all-zero block, as here (it decodes
+to ``offset`` whatever the code, its nested absmax being 0).
 
 Dequantization, all in fp32 and cast once at the end (bit-identical to bitsandbytes)::
 
@@ -50,26 +68,26 @@ NF4_CODE = torch.tensor(
 DYNAMIC_MAP = dynamic_map(signed=True)  # double quantization of the absmax
 
 
-def _blockwise_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _blockwise_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int, *,
+                     ties_to_even: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``flat`` (fp32, 1-D) blockwise to the nearest value of the sorted ``code``.
 
-    Returns (codes int64 [n], absmax fp32 [ceil(n / blocksize)]). Full blocks are scaled by the
-    reciprocal of their absmax and a trailing partial block by division, as bitsandbytes does, so
-    the rounding matches it bit for bit.
+    Returns (codes int64 [n], absmax fp32 [ceil(n / blocksize)]). Each block is scaled by the fp32
+    reciprocal of its absmax. A scaled value equal to the midpoint of codes k and k+1 takes k, or
+    with ``ties_to_even`` whichever of k, k+1 is even (see the module docstring). An all-zero block
+    is scaled by 0, so it takes the code nearest 0.0.
     """
     n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    # An all-zero block keeps absmax 0 (as bitsandbytes stores it) but is scaled by a tiny nonzero
-    # value so that it maps to the code of 0.0 instead of NaN.
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
-    if full < n:
-        tail_absmax = flat[full:].abs().max()
-        absmax = torch.cat([absmax, tail_absmax.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax.clamp(min=1e-38), -1, 1)])
-    midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, midpoints.to(flat.device)), absmax
+    padded = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # |0| never raises a max
+    absmax = padded.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    scaled = (padded * inverse.unsqueeze(1)).view(-1)[:n]
+    midpoints = ((code[:-1] + code[1:]) / 2).to(flat.device)
+    codes = torch.bucketize(scaled, midpoints)  # scaled == midpoints[k] -> k
+    if ties_to_even:
+        on_midpoint = scaled == midpoints[codes.clamp(max=midpoints.numel() - 1)]
+        codes += on_midpoint & (codes % 2 == 1)
+    return codes, absmax
 
 
 def _byte_pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -261,27 +279,43 @@ def check_quantizable(w: torch.Tensor, blocksize: int) -> None:
         raise ValueError("cannot quantize an empty tensor")
 
 
-def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """NF4-quantize ``w`` (fp32/fp16/bf16, any shape) blockwise, optionally with double quantization."""
+def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
+             dtype: Optional[torch.dtype] = None, chunk_elements: Optional[int] = None) -> NF4Tensor:
+    """NF4-quantize ``w`` (fp32/fp16/bf16, any shape) blockwise, optionally with double quantization.
+
+    ``dtype``: what the result dequantizes to (default ``w.dtype``). ``chunk_elements``: round at
+    most about this many elements at a time (slices start at multiples of the blocksize, so every
+    block is scaled and rounded exactly as in one pass), which bounds the fp32 and int64
+    temporaries at ~24 bytes per chunk element whatever the size of ``w``; the double quantization
+    needs all block scales and runs once at the end (they are 1/blocksize of the weight).
+    """
     check_quantizable(w, blocksize)
-    flat = w.detach().reshape(-1).float()
-    codes, absmax = _blockwise_codes(flat, NF4_CODE.to(flat.device), blocksize)
-    if codes.numel() % 2:
-        # bitsandbytes pads an odd count with the value 0.0, whose NF4 code is 7
-        codes = torch.cat([codes, codes.new_full((1,), 7)])
-    codes = codes.to(torch.uint8)
-    packed = ((codes[0::2] << 4) | codes[1::2]).view(-1, 1)
-    q = NF4Tensor(packed=packed, shape=torch.Size(w.shape), dtype=w.dtype, blocksize=blocksize,
-                  absmax=absmax, quant_map=NF4_CODE.to(flat.device))
-    if not double_quant:
-        return q
-    offset = absmax.mean()
-    nested_map = DYNAMIC_MAP.to(flat.device)
-    absmax_codes, nested_absmax = _blockwise_codes(absmax - offset, nested_map, NESTED_BLOCKSIZE)
-    q.absmax = absmax_codes.to(torch.uint8)
-    q.nested_absmax = nested_absmax
-    q.nested_quant_map = nested_map
-    q.offset = offset
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    step = n if chunk_elements is None else max(blocksize, chunk_elements - chunk_elements % blocksize)
+    code = NF4_CODE.to(flat.device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    for start in range(0, n, step):  # step is a multiple of the (even) blocksize: pairs never straddle
+        stop = min(start + step, n)
+        codes, scales = _blockwise_codes(flat[start:stop].float(), code, blocksize, ties_to_even=False)
+        if codes.numel() % 2:
+            # bitsandbytes pads an odd count with the value 0.0, whose NF4 code is 7
+            codes = torch.cat([codes, codes.new_full((1,), 7)])
+        codes = codes.to(torch.uint8)
+        packed[start // 2: start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
+        absmax[start // blocksize: start // blocksize + scales.numel()] = scales
+    q = NF4Tensor(packed=packed.view(-1, 1), shape=torch.Size(w.shape), dtype=dtype or w.dtype,
+                  blocksize=blocksize, absmax=absmax, quant_map=code)
+    if double_quant:
+        q.offset = absmax.mean()
+        q.nested_quant_map = DYNAMIC_MAP.to(flat.device)
+        codes, q.nested_absmax = _blockwise_codes(absmax - q.offset, q.nested_quant_map, NESTED_BLOCKSIZE,
+                                                  ties_to_even=True)
+        # A nested block of zeros (absmax equal to the mean) decodes to the offset whatever its codes;
+        # both bitsandbytes kernels write code 0 there.
+        zero = (q.nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
+        q.absmax = codes.masked_fill(zero, 0).to(torch.uint8)
     return q
 
 
