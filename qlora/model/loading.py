@@ -8,6 +8,8 @@ bitsandbytes' 4-bit format (transformers + ``BitsAndBytesConfig``) is taken over
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from qlora.quant.nf4 import NF4Tensor, quantize
+from qlora.nn.experts import fused_expert_parameters, quantize_experts
 from qlora.nn.linear4bit import Linear4bit
 
 # Elements of a weight quantized at once: the fp32 copy and the int64 codes of a slice cost about
@@ -85,13 +88,18 @@ def _replace_with_nf4(model: nn.Module, name: str, weight: NF4Tensor) -> Linear4
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
                    skip_modules: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Replace, in place, every dense linear layer of an in-memory model (see
-    :func:`linear_module_names`) by a :class:`Linear4bit` with its weight in NF4. Each layer's dense
-    weight is freed as soon as it is quantized; the NF4 weight dequantizes to the layer's dtype and
-    stays on the layer's device. Returns ``model``."""
+    :func:`linear_module_names`) by a :class:`Linear4bit` with its weight in NF4, and every fused
+    MoE expert weight by an :class:`~qlora.nn.experts.ExpertLinears4bit` (NF4 per expert). Each
+    dense weight is freed as soon as it is quantized; the NF4 weights dequantize to the layer's
+    dtype and stay on the layer's device. Returns ``model``."""
     for name in linear_module_names(model, skip_modules):
         old = model.get_submodule(name)
         w = old.weight.t() if isinstance(old, _conv1d_class()) else old.weight
         _replace_with_nf4(model, name, quantize_chunked(w, blocksize, double_quant))
+    for owner, param in expert_parameter_names(model, skip_modules).values():
+        module = model.get_submodule(owner)
+        quantize_experts(module, param, module._parameters[param],
+                         lambda w: quantize_chunked(w, blocksize, double_quant))
     return model
 
 
@@ -146,16 +154,53 @@ def _prequantized_weights(ckpt: _Checkpoint) -> set[str]:
     return {k[: -len(_NF4_META_SUFFIX)] for k in ckpt.file_of if k.endswith(_NF4_META_SUFFIX)}
 
 
-def _resolve_key(key: str, names: set[str], prefix: str) -> Optional[str]:
-    """The model's name for checkpoint key ``key``: the same, or with the base-model prefix
-    (``model.``, ``bert.``, ``transformer.``) added or removed, as between a task head and its base."""
-    if key in names:
-        return key
-    if prefix and f"{prefix}.{key}" in names:
-        return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in names:
-        return key[len(prefix) + 1:]
-    return None
+class _Plan:
+    """Where each checkpoint tensor goes, by transformers' own rules for this model class.
+
+    ``from_pretrained`` renames checkpoint keys and merges or splits tensors by the model's weight
+    conversions (``transformers.conversion_mapping.get_model_conversion_mapping``: e.g. GPT-NeoX's
+    ``embed_out`` -> ``lm_head``, Mixtral's per-expert ``block_sparse_moe.experts.<e>.w1/w3`` ->
+    the fused ``mlp.experts.gate_up_proj``, legacy ``LayerNorm.gamma`` -> ``.weight``), then adds
+    or strips the base-model prefix. The same functions decide here
+    (``transformers.core_model_loading.rename_source_key``, ``WeightConverter.convert``), so every
+    checkpoint ``AutoModelForCausalLM`` loads is read the same way. A key that maps to a parameter
+    on its own is a ``direct`` entry (read when placed); keys a converter combines are gathered
+    under their target as deferred reads, so a converter holds the tensors of one target at a time.
+    """
+
+    def __init__(self, model: nn.Module, keys: Iterable[str], read):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                     rename_source_key)
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+        meta = model.state_dict()
+        prefix = model.base_model_prefix
+        self.direct: dict[str, str] = {}        # model name -> checkpoint key
+        self.converted: dict[str, object] = {}  # first target name -> WeightConverter holding its reads
+        self.sources: dict[str, list[str]] = {}  # first target name -> its checkpoint keys (for errors)
+        self.unexpected: list[str] = []
+        self._rename = lambda key, r, c: rename_source_key(key, r, c, prefix, meta)
+        for key in sorted(keys, key=dot_natural_key):
+            name, pattern = self._rename(key, renamings, converters)
+            if name not in meta and key in meta:  # as transformers: a key the model already has stays
+                name, pattern = self._rename(key, [], [])
+            if name not in meta:
+                self.unexpected.append(key)
+            elif pattern is None:
+                self.direct[name] = key
+            else:
+                converter = self.converted.setdefault(name, copy.deepcopy(by_pattern[pattern]))
+                converter.add_tensor(name, key, pattern, functools.partial(read, key))  # read at convert
+                self.sources.setdefault(name, []).append(key)
+        self.renamings = renamings
+
+    def rename(self, key: str) -> str:
+        """The model's name for a key read as it is (renamings and the base-model prefix only)."""
+        return self._rename(key, self.renamings, [])[0]
 
 
 def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -167,6 +212,13 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
+def expert_parameter_names(model: nn.Module, skip_modules: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
+    """``{full parameter name: (experts module name, parameter name)}`` of every fused MoE expert
+    weight (see :mod:`qlora.nn.experts`) not in a module matching ``skip_modules``."""
+    return {f"{module_name}.{p}": (module_name, p) for module_name, module in model.named_modules()
+            if not _matches(module_name, skip_modules) for p in fused_expert_parameters(module)}
+
+
 @torch.no_grad()
 def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = torch.bfloat16,
                device: Union[str, torch.device, None] = None, blocksize: int = 64, double_quant: bool = True,
@@ -174,18 +226,23 @@ def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = to
     """A transformers model from the local checkpoint ``path`` with its linear layers in NF4.
 
     Reads ``config.json`` and the safetensors weights (one file, or shards with
-    ``model.safetensors.index.json``). Every ``nn.Linear`` (and GPT-2 ``Conv1D``) weight not named
-    in ``skip_modules`` (exact name or dotted suffix) and not tied to another module becomes a
-    :class:`~qlora.nn.Linear4bit`; everything else is cast to ``compute_dtype``. Weights already in
-    bitsandbytes' 4-bit format are kept as they are. The model is in eval mode with no gradients.
+    ``model.safetensors.index.json``), naming and converting them as ``from_pretrained`` does (see
+    :class:`_Plan`). Every ``nn.Linear`` (and GPT-2 ``Conv1D``) weight not named in
+    ``skip_modules`` (exact name or dotted suffix) and not tied to another module becomes a
+    :class:`~qlora.nn.Linear4bit`, and every fused MoE expert weight an
+    :class:`~qlora.nn.experts.ExpertLinears4bit` (NF4 per expert); everything else is cast to
+    ``compute_dtype``. Weights already in bitsandbytes' 4-bit format are kept as they are. The
+    model is in eval mode with no gradients.
 
     Memory bound: the model is built on the meta device and materialized one checkpoint tensor at a
-    time, so peak host memory (and device memory, on ``device``) is the loaded model — NF4 linear
-    weights (4.127 bits/param) plus the other tensors in ``compute_dtype`` — plus one checkpoint
-    tensor as stored (twice that on ``device`` when its dtype changes) plus ``QUANT_CHUNK_ELEMENTS``
-    × 24 bytes (6 MiB) of quantization temporaries. The safetensors files are memory-mapped (the
-    pages read count as file cache, not as process memory); every tensor kept is a copy, so the
-    model never refers to the files.
+    time, so peak host memory (and device memory, on ``device``) is the loaded model — NF4 weights
+    (4.127 bits/param) plus the other tensors in ``compute_dtype`` — plus one checkpoint tensor as
+    stored (twice that on ``device`` when its dtype changes) plus ``QUANT_CHUNK_ELEMENTS`` × 24
+    bytes (6 MiB) of quantization temporaries. Where transformers combines tensors (an MoE layer's
+    per-expert weights into one fused tensor), "one tensor" is one fused target: its sources and
+    the result of the conversion (at most twice the fused tensor, as stored). The safetensors files
+    are memory-mapped (the pages read count as file cache, not as process memory); every tensor
+    kept is a copy, so the model never refers to the files.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -202,46 +259,60 @@ def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = to
     with init_empty_weights(include_buffers=False):
         model = _build(config)
     model.config._name_or_path = str(path)
-    prefix = getattr(model, "base_model_prefix", "")
     to_quantize = {f"{n}.weight" for n in linear_module_names(model, skip_modules)}
-    names = set(model.state_dict().keys())
+    experts = expert_parameter_names(model, skip_modules)
+    nf4_constants = {k for k in ckpt.file_of for w in prequantized if k.startswith(w + ".")}
+    plan = _Plan(model, [k for k in ckpt.file_of if k not in prequantized and k not in nf4_constants], ckpt.get)
 
-    unexpected = []
-    for key in sorted(ckpt.file_of, key=lambda k: (str(ckpt.file_of[k]), k)):
-        if any(key.startswith(w + ".") for w in prequantized if key != w):
-            continue  # NF4 constants, read together with their weight
-        name = _resolve_key(key, names, prefix)
-        if name is None:
-            unexpected.append(key)
-            continue
+    def place(name: str, tensor: torch.Tensor, source: str) -> None:
+        """Put the checkpoint tensor for model parameter/buffer ``name`` (from ``source``) in place."""
         module_name = name.rpartition(".")[0]
-        if key in prequantized:
-            state = {k: ckpt.get(k) for k in ckpt.file_of if k == key or k.startswith(key + ".")}
-            try:
-                weight = NF4Tensor.from_state_dict(state, key)
-            except (KeyError, ValueError) as err:
-                raise ValueError(f"{ckpt.file_of[key]}: {err}") from err
-            _replace_with_nf4(model, module_name, _owned_nf4(weight, device))
-        elif name in to_quantize:
-            tensor = ckpt.get(key)
+        if name in to_quantize:
             module = model.get_submodule(module_name)
-            _check_shape(key, ckpt, tuple(tensor.shape), tuple(module.weight.shape))
+            _check_shape(source, tuple(tensor.shape), tuple(module.weight.shape))
             if isinstance(module, _conv1d_class()):
                 tensor = tensor.t()
-            weight = quantize_chunked(tensor.to(device), blocksize, double_quant, dtype=compute_dtype)
-            del tensor
-            _replace_with_nf4(model, module_name, weight)
+            _replace_with_nf4(model, module_name, quantize_chunked(tensor.to(device), blocksize, double_quant,
+                                                                  dtype=compute_dtype))
+        elif name in experts:
+            owner, param = experts[name]
+            module = model.get_submodule(owner)
+            _check_shape(source, tuple(tensor.shape), tuple(module._parameters[param].shape))
+            quantize_experts(module, param, tensor, lambda w: quantize_chunked(
+                w.to(device), blocksize, double_quant, dtype=compute_dtype))
         else:
-            tensor = ckpt.get(key)
             current = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
-            _check_shape(key, ckpt, tuple(tensor.shape), tuple(current.shape))
+            _check_shape(source, tuple(tensor.shape), tuple(current.shape))
             dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
             _put(model, name, _owned(tensor, device, dtype))
-    if unexpected:
+
+    for key in sorted(prequantized, key=lambda k: (str(ckpt.file_of[k]), k)):
+        state = {k: ckpt.get(k) for k in ckpt.file_of if k == key or k.startswith(key + ".")}
+        try:
+            weight = NF4Tensor.from_state_dict(state, key)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{ckpt.file_of[key]}: {err}") from err
+        _replace_with_nf4(model, plan.rename(key).rpartition(".")[0], _owned_nf4(weight, device))
+    for name, key in sorted(plan.direct.items(), key=lambda item: (str(ckpt.file_of[item[1]]), item[1])):
+        tensor = ckpt.get(key)
+        place(name, tensor, f"{ckpt.file_of[key]}: tensor {key!r}")
+        del tensor
+    for first, converter in plan.converted.items():
+        sources = plan.sources[first]
+        where = f"{ckpt.file_of[sources[0]]}: tensors {sources[0]!r} .. {sources[-1]!r} ({len(sources)})"
+        try:
+            produced = converter.convert(first, model=model, config=model.config)
+        except Exception as err:  # transformers' conversion ops raise plain errors on shape mismatches
+            raise ValueError(f"{where}: transformers' conversion to {first!r} failed ({err})") from err
+        for name in list(produced):
+            tensor = produced.pop(name)
+            place(name, tensor[0] if isinstance(tensor, list) else tensor, where)
+            del tensor
+    if plan.unexpected:
         import warnings
 
-        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensor(s) the model has no place for were "
-                      f"ignored, e.g. {unexpected[:3]}", stacklevel=2)
+        warnings.warn(f"{path}: {len(plan.unexpected)} checkpoint tensor(s) the model has no place for were "
+                      f"ignored, e.g. {plan.unexpected[:3]}", stacklevel=2)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
@@ -274,7 +345,6 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
     return attr in (model.get_submodule(module_name) if module_name else model)._parameters
 
 
-def _check_shape(key: str, ckpt: _Checkpoint, got: tuple, want: tuple) -> None:
+def _check_shape(source: str, got: tuple, want: tuple) -> None:
     if got != want:
-        raise ValueError(f"{ckpt.file_of[key]}: tensor {key!r} has shape {got}, the model built from "
-                         f"config.json expects {want}")
+        raise ValueError(f"{source} has shape {got}, the model built from config.json expects {want}")
