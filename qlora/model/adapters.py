@@ -15,7 +15,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from qlora.model.inject import LoRAReport, add_lora, lora_layers, modules_to_save_names, pattern_value
+from qlora.model.inject import (LoRAReport, add_lora, expert_lora_layers, is_expert_layer, lora_layers,
+                                modules_to_save_names, pattern_value, peft_nesting)
 from qlora.model.peft_files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_config, check_weights, fill_adapter,
                                     read_config, read_weights, target_layers)
 from qlora.util.atomic import write_atomic
@@ -48,7 +49,8 @@ def _peft_config(model: nn.Module, adapter_name: str) -> dict:
         "r": c["r"],
         "lora_alpha": c["lora_alpha"],
         "lora_dropout": c["lora_dropout"],
-        "target_modules": c["target_modules"],
+        "target_modules": c["target_modules"] or (None if c.get("target_parameters") else []),
+        "target_parameters": c.get("target_parameters") or None,
         "use_rslora": c["use_rslora"],
         "use_dora": c["use_dora"],
         "init_lora_weights": _INIT_TO_PEFT[c["init"]],
@@ -81,11 +83,17 @@ def save_adapter(model: nn.Module, dir: Union[str, os.PathLike], adapter_name: s
 def _expected_shapes(model: nn.Module, config: dict, layers: list[str]) -> dict[str, tuple]:
     """Key -> shape for everything an adapter with ``config`` has on ``layers`` of ``model``."""
     shapes: dict[str, tuple] = {}
+    experts = [n for n in layers if is_expert_layer(model.get_submodule(n))]
     for name in layers:
         module = model.get_submodule(name)
         base = module.base_layer if hasattr(module, "base_layer") else module
         d_in, d_out = _features(base)
         r = pattern_value(name, config.get("rank_pattern"), config["r"])
+        if name in experts:  # PEFT's ParamWrapper: A [r·E, in], B [out, r·E]
+            key = f"{PREFIX}{name.rpartition('.')[0]}.{peft_nesting(model, name, experts)}"
+            shapes[f"{key}lora_A.weight"] = (r * base.num_experts, d_in)
+            shapes[f"{key}lora_B.weight"] = (d_out, r * base.num_experts)
+            continue
         shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, d_in)
         shapes[f"{PREFIX}{name}.lora_B.weight"] = (d_out, r)
         if config.get("use_dora"):
@@ -158,6 +166,11 @@ def _parameters_by_peft_key(model: nn.Module, adapter_name: str) -> dict[str, to
         params[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if isinstance(layer, DoRALinear):
             params[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
+    experts = [(name, layer) for name, layer in expert_lora_layers(model) if adapter_name in layer.lora_A]
+    for name, layer in experts:  # PEFT's key: the experts module, inside its nested ParamWrappers
+        key = f"{PREFIX}{name.rpartition('.')[0]}.{peft_nesting(model, name, [n for n, _ in experts])}"
+        params[f"{key}lora_A.weight"] = layer.lora_A[adapter_name].weight
+        params[f"{key}lora_B.weight"] = layer.lora_B[adapter_name].weight
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():

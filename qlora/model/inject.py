@@ -10,6 +10,7 @@ from torch import nn
 
 from qlora.adalora.layer import AdaLoRALinear
 from qlora.nn.dora import DoRALinear
+from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears
 from qlora.nn.linear4bit import Linear4bit
 from qlora.nn.lora import LORA_INITS, LoRALinear, check_adapter_name
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
@@ -19,7 +20,7 @@ TargetSpec = Union[str, Iterable[str]]
 # Regexes over full module names, per architecture family (config.model_type).
 _LLAMA_LIKE = {
     "attention": r"(.*\.)?(q_proj|k_proj|v_proj|o_proj)",
-    "mlp": r"(.*\.)?(gate_proj|up_proj|down_proj)",
+    "mlp": r"(.*\.)?(gate_proj|up_proj|down_proj|gate_up_proj)",  # gate_up_proj: fused MoE experts
 }
 PRESETS: dict[str, dict[str, str]] = {
     "llama": _LLAMA_LIKE,
@@ -27,6 +28,8 @@ PRESETS: dict[str, dict[str, str]] = {
     "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
+    "qwen2_moe": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
     "gpt2": {"attention": r"(.*\.)?attn\.(c_attn|c_proj)", "mlp": r"(.*\.)?mlp\.(c_fc|c_proj)"},
     "bert": {
         "attention": r"(.*\.)?attention\.(self\.(query|key|value)|output\.dense)",
@@ -41,16 +44,22 @@ def _conv1d_class():
     return Conv1D
 
 
-def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def adaptable_layers(model: nn.Module, experts: bool = True) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every layer LoRA can wrap: ``Linear4bit``, dense ``nn.Linear``, GPT-2
-    ``Conv1D``, and layers already wrapped (``LoRALinear``, ``AdaLoRALinear``), without looking
-    inside the latter."""
+    ``Conv1D``, the NF4 fused weights of MoE experts (``ExpertLinears4bit``, named
+    ``<experts module>.<parameter>`` as PEFT's ``target_parameters`` name them; only with
+    ``experts``), and layers already wrapped (``LoRALinear``, ``AdaLoRALinear``,
+    ``LoRAExpertLinears``), without looking inside any of them."""
     conv1d = _conv1d_class()
+    expert_kinds = (ExpertLinears4bit, LoRAExpertLinears)
 
     def walk(module: nn.Module, prefix: str):
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, (LoRALinear, AdaLoRALinear, Linear4bit, nn.Linear, conv1d)):
+            if isinstance(child, expert_kinds):
+                if experts:
+                    yield name, child
+            elif isinstance(child, (LoRALinear, AdaLoRALinear, Linear4bit, nn.Linear, conv1d)):
                 yield name, child
             elif not isinstance(child, ModulesToSaveWrapper):
                 yield from walk(child, name)
@@ -61,6 +70,12 @@ def adaptable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in adaptable_layers(model):
         if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def expert_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRAExpertLinears]]:
+    for name, module in adaptable_layers(model):
+        if isinstance(module, LoRAExpertLinears):
             yield name, module
 
 
@@ -96,9 +111,10 @@ def matches_target(name: str, target: str) -> bool:
         return False
 
 
-def resolve_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
-    """Names of the layers ``target_modules`` selects; every entry must select at least one layer."""
-    candidates = [name for name, _ in adaptable_layers(model)]
+def resolve_targets(model: nn.Module, target_modules: TargetSpec, experts: bool = True) -> list[str]:
+    """Names of the layers ``target_modules`` selects (MoE expert weights among the candidates only
+    with ``experts``); every entry must select at least one layer."""
+    candidates = [name for name, _ in adaptable_layers(model, experts)]
     if isinstance(target_modules, str) and target_modules == "all-linear":
         head = _output_head_name(model)
         selected = [n for n in candidates if n != head]
@@ -133,14 +149,45 @@ def pattern_value(name: str, pattern: Optional[dict], default):
     return default
 
 
-def peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """What to write as PEFT's ``target_modules`` for the adapted ``names``: their last name
-    components when those select exactly the same layers under PEFT's suffix rule, else the full names."""
-    short = sorted({n.rpartition(".")[2] for n in names})
-    candidates = [n for n, _ in adaptable_layers(model)]
-    if sorted(n for n in candidates if any(n == s or n.endswith("." + s) for s in short)) == sorted(names):
-        return short
+def is_expert_layer(module: nn.Module) -> bool:
+    return isinstance(module, (ExpertLinears4bit, LoRAExpertLinears))
+
+
+def _suffix_names(names: list[str], candidates: list[str], min_components: int) -> list[str]:
+    """The shortest name ends (at least ``min_components`` components) that select exactly
+    ``names`` among ``candidates`` under PEFT's rule (equal, or ending in "." + the entry), else the
+    full names."""
+    for k in range(min_components, max((n.count(".") for n in names), default=0) + 1):
+        short = sorted({".".join(n.split(".")[-k:]) for n in names})
+        if sorted(n for n in candidates if any(n == s or n.endswith("." + s) for s in short)) == sorted(names):
+            return short
     return sorted(names)
+
+
+def peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """What to write as PEFT's ``target_modules`` for the adapted linear layers ``names``: their last
+    name components when those select exactly the same layers under PEFT's suffix rule, else the
+    full names. (MoE expert weights are parameters to PEFT: see :func:`peft_target_parameters`.)"""
+    linear = [n for n, m in adaptable_layers(model) if not is_expert_layer(m)]
+    return _suffix_names([n for n in names if n in linear], linear, 1)
+
+
+def peft_target_parameters(model: nn.Module, names: list[str]) -> list[str]:
+    """PEFT's ``target_parameters`` for the adapted MoE expert weights among ``names``
+    (``experts.gate_up_proj``-style ends when they select exactly those)."""
+    experts = [n for n, m in adaptable_layers(model) if is_expert_layer(m)]
+    return _suffix_names([n for n in names if n in experts], experts, 2)
+
+
+def peft_nesting(model: nn.Module, name: str, adapted: Iterable[str]) -> str:
+    """The ``base_layer.`` chain PEFT puts before the LoRA keys of MoE expert weight ``name``: PEFT
+    wraps the targeted parameters of one experts module in turn, in the order the module registers
+    them (the experts module's ``fused_expert_order``), each wrapper around the previous, so the first is
+    innermost. ``adapted``: every adapted expert weight of the model."""
+    owner, _, param = name.rpartition(".")
+    adapted = set(adapted)
+    order = [p for p in model.get_submodule(owner).fused_expert_order if f"{owner}.{p}" in adapted]
+    return "base_layer." * (len(order) - 1 - order.index(param))
 
 
 @dataclass
@@ -178,10 +225,10 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
             trainable += p.numel() if p.requires_grad else 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
-            total += module.weight.numel()
+            total += module.weight.numel()  # MoE experts are Linear4bit layers too, one per expert
     rows: dict[str, list[int]] = {}
     in_layers: set[int] = set()
-    adapted = ((n, m) for n, m in adaptable_layers(model) if isinstance(m, (LoRALinear, AdaLoRALinear)))
+    adapted = ((n, m) for n, m in adaptable_layers(model) if isinstance(m, (LoRALinear, AdaLoRALinear, LoRAExpertLinears)))
     for name, layer in adapted:
         count = 0
         for p in layer.parameters():
@@ -225,15 +272,31 @@ def _dense_from_conv1d(conv) -> nn.Linear:
     return linear
 
 
+def _check_expert_lora(name: str, dropout: float, use_dora: bool, init: str) -> None:
+    """LoRA on fused MoE experts is PEFT's ParamWrapper, which has no dropout, DoRA or PiSSA."""
+    if dropout > 0:
+        raise ValueError(f"{name}: LoRA on MoE experts takes no dropout (PEFT's target_parameters adapters, "
+                         f"which it must load as, have none); set dropout to 0, or leave the experts out "
+                         f"of target_modules, got dropout={dropout}")
+    if use_dora:
+        raise ValueError(f"{name}: DoRA on MoE experts is not supported (nor by PEFT); leave the experts "
+                         "out of target_modules")
+    if init == "pissa":
+        raise ValueError(f"{name}: PiSSA init on MoE experts is not supported; use init='default' or 'gaussian'")
+
+
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0,
              target_modules: TargetSpec = "all-linear", *, use_rslora: bool = False, use_dora: bool = False,
              init: str = "default", rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
              modules_to_save: Optional[Iterable[str]] = None, adapter_name: str = "default") -> LoRAReport:
     """Add adapter ``adapter_name`` to the layers ``target_modules`` selects, in place.
 
-    ``target_modules``: ``"all-linear"`` (every linear layer but the output head), a preset of the
+    ``target_modules``: ``"all-linear"`` (every linear layer but the output head, and the fused
+    weights of MoE experts, e.g. ``mlp.experts.gate_up_proj``, which PEFT targets as
+    ``target_parameters``; an MoE router is no linear layer and stays frozen), a preset of the
     model's family (``"attention"``, ``"mlp"``; see ``PRESETS``), or a name / list of names, each
-    an exact module name, a dotted suffix, or a regex matching whole names. ``rank_pattern`` /
+    an exact module name, a dotted suffix, or a regex matching whole names. LoRA on MoE experts has
+    PEFT's layout and limits: no dropout, no DoRA, no PiSSA (see :class:`LoRAExpertLinears`). ``rank_pattern`` /
     ``alpha_pattern`` override r / alpha per layer by PEFT's rule (regex on the name's end).
     ``init``: ``"default"`` | ``"gaussian"`` | ``"pissa"`` (see :meth:`LoRALinear.reset_adapter`).
     ``modules_to_save``: modules (e.g. a new head) trained in full alongside. Everything but the
@@ -259,6 +322,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
             raise ValueError(f"{name}: cannot mix LoRA and AdaLoRA adapters on one layer")
         if isinstance(module, LoRALinear) and isinstance(module, DoRALinear) != use_dora:
             raise ValueError(f"{name}: cannot mix DoRA and plain LoRA adapters on one layer")
+        if is_expert_layer(module):
+            _check_expert_lora(name, dropout, use_dora, init)
     to_save = {target: modules_to_save_names(model, target) for target in modules_to_save or ()}
     lora_class = DoRALinear if use_dora else LoRALinear
     conv1d = _conv1d_class()
@@ -270,6 +335,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
         layer_alpha = pattern_value(name, alpha_pattern, alpha)
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, layer_r, layer_alpha, dropout, use_rslora, init)
+        elif isinstance(module, LoRAExpertLinears):
+            module.add_adapter(adapter_name, layer_r, layer_alpha, use_rslora, init)
+        elif isinstance(module, ExpertLinears4bit):
+            _set_module(model, name, LoRAExpertLinears(module, layer_r, layer_alpha, adapter_name, use_rslora, init))
         else:
             if isinstance(module, conv1d):
                 module = _dense_from_conv1d(module)
@@ -278,13 +347,14 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     for hits in to_save.values():
         for name in hits:
             _add_module_to_save(model, name, adapter_name)
-    for _, layer in lora_layers(model):
+    for _, layer in list(lora_layers(model)) + list(expert_lora_layers(model)):
         for module in layer.children():
             if isinstance(module, nn.ModuleDict) and adapter_name in module:
                 module[adapter_name].requires_grad_(True)
     configs = model.__dict__.setdefault("qlora_adapter_configs", {})
     configs[adapter_name] = {
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": peft_target_modules(model, names),
+        "target_parameters": peft_target_parameters(model, names),
         "use_rslora": use_rslora, "use_dora": use_dora, "init": init,
         "rank_pattern": dict(rank_pattern or {}), "alpha_pattern": dict(alpha_pattern or {}),
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
@@ -295,8 +365,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
 
 def add_adalora(model: nn.Module, init_r: int = 12, alpha: float = 8, dropout: float = 0.0,
                 target_modules: TargetSpec = "all-linear", *, adapter_name: str = "default") -> LoRAReport:
-    """Add AdaLoRA adapter ``adapter_name`` at rank ``init_r`` to the layers ``target_modules``
-    selects (as in :func:`add_lora`), in place; everything else is frozen. The ranks then shrink
+    """Add AdaLoRA adapter ``adapter_name`` at rank ``init_r`` to the linear layers ``target_modules``
+    selects (as in :func:`add_lora`, but never fused MoE experts: PEFT's AdaLoRA cannot target
+    parameters), in place; everything else is frozen. The ranks then shrink
     under :class:`qlora.adalora.allocator.RankAllocator` during training. Returns which layers were
     adapted and the parameter counts."""
     if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r <= 0:
@@ -304,7 +375,7 @@ def add_adalora(model: nn.Module, init_r: int = 12, alpha: float = 8, dropout: f
     check_adapter_name(adapter_name)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    names = resolve_targets(model, target_modules)
+    names = resolve_targets(model, target_modules, experts=False)  # PEFT's AdaLoRA has no MoE-experts form
     for name in names:  # every check before the model is changed
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from qlora.util.atomic import write_atomic
-from qlora.model.inject import lora_layers
+from qlora.model.inject import expert_lora_layers, lora_layers
 from qlora.quant.nf4 import quantize
 from qlora.nn.linear4bit import Linear4bit
 from qlora.adalora.layer import AdaLoRALinear
+from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears
 from qlora.nn.lora import LoRALinear
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
 
@@ -41,13 +42,14 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None,
         raise ValueError(f"merge: {adalora[0]} (and {len(adalora) - 1} more) holds AdaLoRA adapters, "
                          "which are not merged in place; export_merged writes them merged")
     names = None if adapter_names is None else list(adapter_names)
+    layers = list(lora_layers(model)) + list(expert_lora_layers(model))
     if names is not None:
-        known = {n for _, layer in lora_layers(model) for n in layer.lora_A}
+        known = {n for _, layer in layers for n in layer.lora_A}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise KeyError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
     merged = []
-    for name, layer in lora_layers(model):
+    for name, layer in layers:
         chosen = _names_for(layer, names)
         if chosen:
             layer.merge(chosen, dtype)
@@ -57,7 +59,7 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None,
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` everywhere: the original (NF4) base weights come back bit for bit."""
-    for _, layer in lora_layers(model):
+    for _, layer in list(lora_layers(model)) + list(expert_lora_layers(model)):
         layer.unmerge()
 
 
@@ -171,8 +173,22 @@ class _Exporter:
         if bias is not None:
             self.tensor(prefix + "bias", bias)
 
+    def experts(self, name: str, module) -> None:
+        """A fused MoE expert weight, written as the 3-D parameter transformers loads: [E, out, in]
+        (or [E, in, out] for a transposed experts class), merged with its adapters in fp32."""
+        base = module.base_layer if isinstance(module, LoRAExpertLinears) else module
+        w = base.dequantized(torch.float32)
+        if isinstance(module, LoRAExpertLinears):
+            for adapter in dict.fromkeys(module.merged_adapters + _names_for(module, self.adapter_names)):
+                w += module.delta_weight(adapter)
+        # dense even with quantize_merged: transformers' bitsandbytes loading keeps fused experts dense
+        self.tensor(name, w.transpose(1, 2) if base.transposed else w, owned=False)
+
     def walk(self, module: nn.Module, name: str) -> None:
         prefix = f"{name}." if name else ""
+        if isinstance(module, (ExpertLinears4bit, LoRAExpertLinears)):
+            self.experts(name, module)
+            return
         if isinstance(module, LoRALinear):
             w = _merged_weight(module, self.adapter_names)
             base = module.unmerged_base if module.merged_adapters else module.base_layer

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora.model.inject import matches_target, resolve_targets
+from qlora.model.inject import adaptable_layers, is_expert_layer, matches_target, resolve_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,10 +34,12 @@ def check_config(path: Path, config: dict, peft_type: str, required: tuple[str, 
     if config.get("peft_type") != peft_type:
         raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; expected {peft_type!r}")
     for key in required:
-        if config.get(key) is None:
+        if config.get(key) is None and not (key == "target_modules" and config.get("target_parameters")):
             raise ValueError(f"{file}: missing key {key!r}")
-    unsupported = {"bias": "none", "lora_bias": False, "layers_to_transform": None, "target_parameters": None,
+    unsupported = {"bias": "none", "lora_bias": False, "layers_to_transform": None,
                    "use_qalora": False, "trainable_token_indices": None, "layer_replication": None}
+    if peft_type != "LORA":
+        unsupported["target_parameters"] = None
     for key, default in unsupported.items():
         if config.get(key, default) not in (default, [], {}):
             raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only {default!r})")
@@ -59,11 +61,18 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def target_layers(model: nn.Module, path: Path, config: dict) -> list[str]:
-    """The layers of ``model`` that the config's ``target_modules`` select, less ``exclude_modules``."""
-    try:
-        layers = resolve_targets(model, config["target_modules"])
-    except ValueError as err:
-        raise ValueError(f"{path / CONFIG_NAME}: target_modules do not fit the model: {err}") from err
+    """The layers of ``model`` that the config's ``target_modules`` select (linear layers, as in
+    PEFT: ``all-linear`` leaves MoE experts alone) and its ``target_parameters`` (fused MoE expert
+    weights, ``<module>.<parameter>`` or a dotted end of it), less ``exclude_modules``."""
+    layers = []
+    for key, experts in (("target_modules", False), ("target_parameters", True)):
+        if not config.get(key):
+            continue
+        candidates = [n for n, m in adaptable_layers(model) if is_expert_layer(m) == experts]
+        try:
+            layers += [n for n in resolve_targets(model, config[key], experts=experts) if n in candidates]
+        except ValueError as err:
+            raise ValueError(f"{path / CONFIG_NAME}: {key} do not fit the model: {err}") from err
     excluded = config.get("exclude_modules") or []
     excluded = [excluded] if isinstance(excluded, str) else excluded
     return [n for n in layers if not any(matches_target(n, e) for e in excluded)]

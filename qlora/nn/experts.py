@@ -28,12 +28,12 @@ from qlora.nn.lora import LORA_INITS, check_adapter_name
 
 def fused_expert_parameters(module: nn.Module) -> list[str]:
     """The fused 3-D expert weights of ``module`` (``gate_up_proj`` or ``up_proj``, and
-    ``down_proj``) that are still dense parameters, if it is a transformers experts module."""
+    ``down_proj``) that are still dense parameters, in the order the module registered them, if it
+    is a transformers experts module."""
     if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed", "act_fn")):
         return []
     names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
-    return [n for n in names if isinstance(module._parameters.get(n), torch.Tensor)
-            and module._parameters[n].dim() == 3]
+    return [n for n, p in module._parameters.items() if n in names and isinstance(p, torch.Tensor) and p.dim() == 3]
 
 
 class ExpertLinears4bit(nn.Module):
@@ -231,6 +231,8 @@ def quantize_experts(module: nn.Module, name: str, weight: torch.Tensor, quantiz
         raise ValueError(f"{name}: fused expert weights are 3-D [E, out, in], got shape {tuple(weight.shape)}")
     per_expert = [quantize(weight[e].t() if module.is_transposed else weight[e]) for e in range(weight.shape[0])]
     layers = ExpertLinears4bit(per_expert, module.is_transposed)
+    if not hasattr(module, "fused_expert_order"):  # PEFT nests its wrappers in this order
+        module.fused_expert_order = fused_expert_parameters(module)
     del module._parameters[name]
     setattr(module, name, layers)
     module.forward = types.MethodType(nf4_experts_forward, module)
