@@ -138,6 +138,24 @@ class _Checkpoint:
         return self.handles[self.file_of[key]].get_tensor(key)
 
 
+def check_causal_lm(path: Union[str, os.PathLike]) -> None:
+    """Refuse, from its ``config.json`` alone (before any weight is read), a checkpoint that is not
+    a causal language model — one whose architecture transformers' ``AutoModelForCausalLM`` does not
+    build — naming the architecture it is."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(path))
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    named = getattr(config, "architectures", None) or []
+    other = [n for n in named if n not in causal]
+    if other or (not named and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        what = f"the architecture {other[0]}" if other else f"model_type {config.model_type!r} with no causal LM class"
+        raise ValueError(f"{path}: config.json names {what}, which is not a causal language model; qlora "
+                         f"fine-tunes the models AutoModelForCausalLM builds (e.g. LlamaForCausalLM, "
+                         f"MixtralForCausalLM, GPT2LMHeadModel)")
+
+
 def _build(config) -> nn.Module:
     """The class config.json's ``architectures`` names, else the bare ``AutoModel`` of its type."""
     import transformers

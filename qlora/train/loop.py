@@ -28,7 +28,7 @@ from torch import nn
 from qlora.ops.backend import get_backend
 from qlora.data.batching import BatchStream, collate, single
 from qlora.data.formats import IGNORE_INDEX
-from qlora.ops.losses import chunked_cross_entropy
+from qlora.ops.losses import final_logit_transform, head_loss
 from qlora.train import checkpoint as ckpt
 from qlora.train import fsdp
 from qlora.adalora.training import AdaLoRATraining
@@ -60,20 +60,14 @@ def _output_head(model) -> nn.Module:
 
 
 def token_loss(model, input_ids, labels, num_items, attention_mask=None, position_ids=None):
-    """The model's summed next-token loss divided by ``num_items``. Labels are already shifted
-    (see qlora.data.formats)."""
+    """The model's summed next-token loss divided by ``num_items``, its logits through the model's
+    final-logit transform (Gemma's soft cap, Cohere's scale, ...: see qlora.ops.losses). Labels are
+    already shifted (see qlora.data.formats)."""
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, use_cache=False)
     head = _output_head(model).weight
-    hidden = out.last_hidden_state.to(head.dtype)
-    if get_backend(hidden.device) in ("triton", "cuda"):
-        return chunked_cross_entropy(hidden, head, labels, num_items_in_batch=num_items)
-    # qlora.ops.losses is Triton-only; on the torch backend the [tokens, vocab] logits are
-    # materialized, which is what that backend is for (CPU and small models).
-    logits = (hidden @ head.t()).float()
-    summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / num_items
+    return head_loss(out.last_hidden_state.to(head.dtype), head, labels, num_items,
+                     transform=final_logit_transform(model.config), ignore_index=IGNORE_INDEX)
 
 
 class LossModule(nn.Module):

@@ -44,11 +44,16 @@ def builtin_model(init_seed: int, dtype: torch.dtype = torch.float32):
 
 
 def base_model(cfg: Config, device: torch.device):
-    """The frozen base model on ``device``: NF4 linear layers when ``quant.enabled``."""
-    from qlora.model.loading import load_model, quantize_model
+    """The frozen base model on ``device``: NF4 linear layers when ``quant.enabled``. A checkpoint
+    that is not a causal LM is refused before it is read, and one whose logits are not what the
+    loss computes (a final-logit transform qlora does not know) right after."""
+    from qlora.model.loading import check_causal_lm, load_model, quantize_model
+    from qlora.ops.losses import check_final_logits
 
     dtype = compute_dtype(cfg, device)
     q = cfg.quant
+    if cfg.model.name_or_path != BUILTIN_MODEL:
+        check_causal_lm(cfg.model.name_or_path)
     if cfg.model.name_or_path == BUILTIN_MODEL:
         model = builtin_model(cfg.model.init_seed, dtype)
         if q.enabled:
@@ -63,6 +68,7 @@ def base_model(cfg: Config, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    check_final_logits(model, torch.arange(min(16, model.config.get_text_config().vocab_size), device=device)[None])
     return model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.ops.losses import causal_lm_loss, chunked_cross_entropy
+from qlora.ops.losses import LogitTransform, causal_lm_loss, chunked_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 U_BF16 = 2.0 ** -8  # bf16 unit roundoff (8 significand bits)
@@ -25,7 +25,7 @@ def make_inputs(T, H, V, dtype, seed, ignore=(), train_head=False):
 
 
 def reference(hidden, weight, labels, *, upcast_first, label_smoothing=0.0, reduction="mean",
-              divisor=1.0):
+              divisor=1.0, transform=LogitTransform()):
     """(loss, dhidden, dweight) of the unfused path.
 
     upcast_first=True: everything in fp32 from the (rounded) inputs: the exact reference.
@@ -37,7 +37,7 @@ def reference(hidden, weight, labels, *, upcast_first, label_smoothing=0.0, redu
         h, w = h.float(), w.float()
     h.requires_grad_()
     w.requires_grad_(weight.requires_grad)
-    logits = (h @ w.t()).float()
+    logits = transform((h @ w.t()).float())
     loss = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing,
                            reduction=reduction) / divisor
     loss.backward()
@@ -95,6 +95,40 @@ def test_fp32_matches_torch_tightly():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hidden.grad, ref_dh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weight.grad, ref_dw, rtol=1e-5, atol=1e-6)
+
+
+# Gemma-2's soft cap (30), Cohere's scale (1/16), Granite's (1/8) under a cap, and a scale above
+# one; hidden states are scaled so the logits reach ~±100, where the cap bends them hard.
+TRANSFORMS = [LogitTransform(softcap=30.0), LogitTransform(scale=0.0625), LogitTransform(scale=0.125, softcap=5.0),
+              LogitTransform(scale=2.5)]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=str)
+def test_final_logit_transform_fp32_matches_torch_tightly(transform):
+    hidden, weight, labels = make_inputs(13, 16, 300, torch.float32, seed=7, ignore=[2], train_head=True)
+    hidden = (hidden.detach() * 25).requires_grad_()
+    loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=5, label_smoothing=0.1,
+                                 transform=transform)
+    loss.backward()
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, upcast_first=True,
+                                         label_smoothing=0.1, transform=transform)
+    # fp32 as in test_fp32_matches_torch_tightly; tanh as 2·sigmoid(2a) - 1 adds a few roundings
+    # of values <= 1 times the cap, inside the same 1e-5 relative
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, ref_dh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, ref_dw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS[:3], ids=str)
+def test_final_logit_transform_bf16_matches_torch(transform):
+    hidden, weight, labels = make_inputs(37, 48, 2500, torch.bfloat16, seed=8, ignore=[0, 5])
+    hidden = (hidden.detach().float() * 25).to(torch.bfloat16).requires_grad_()
+    loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=8, transform=transform)
+    loss.backward()
+    exact = reference(hidden, weight, labels, upcast_first=True, transform=transform)
+    torch_bf16 = reference(hidden, weight, labels, upcast_first=False, transform=transform)
+    assert_close_as_torch(loss, torch_bf16[0], exact[0], "loss")
+    assert_close_as_torch(hidden.grad, torch_bf16[1], exact[1], "dhidden")
 
 
 def test_num_items_in_batch_divides_the_sum_and_grad_output_scales():
