@@ -30,8 +30,8 @@ def fused_expert_parameters(module: nn.Module) -> list[str]:
     """The fused 3-D expert weights of ``module`` (``gate_up_proj`` or ``up_proj``, and
     ``down_proj``) that are still dense parameters, in the order the module registered them, if it
     is a transformers experts module."""
-    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed", "act_fn")):
-        return []
+    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed", "has_bias")):
+        return []  # not declared with transformers' @use_experts_implementation
     names = ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
     return [n for n, p in module._parameters.items() if n in names and isinstance(p, torch.Tensor) and p.dim() == 3]
 

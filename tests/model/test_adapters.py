@@ -228,3 +228,48 @@ def test_loading_a_second_adapter_leaves_the_first_trainable(tmp_path, llama_pat
     load_adapter(model, tmp_path / "a", adapter_name="reference")
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["trained"].weight.requires_grad and not layer.lora_A["reference"].weight.requires_grad
+
+
+def test_a_peft_adapter_on_moe_experts_loads_and_computes_as_in_peft(tmp_path):
+    """PEFT targets Mixtral's fused experts as target_parameters (nested ParamWrapper keys); such an
+    adapter loads onto the NF4 experts and computes what PEFT computes on the dequantized weights."""
+    from qlora.nn.experts import ExpertLinears4bit
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=80, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    ours = load_model(tmp_path / "base", compute_dtype=torch.float32)
+    dense = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():  # the dense model gets our dequantized weights
+        for name, module in ours.named_modules():
+            if isinstance(module, ExpertLinears4bit):
+                owner, _, param = name.rpartition(".")
+                getattr(dense.get_submodule(owner), param).copy_(module.dequantized())
+            elif isinstance(module, Linear4bit) and ".experts." not in name:
+                dense.get_submodule(name).weight.copy_(module.weight.dequantize(torch.float32))
+    adapted = peft.get_peft_model(dense, peft.LoraConfig(
+        r=3, lora_alpha=5, lora_dropout=0.0, target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B is zero at init: give it values so the adapter changes the output
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    adapted.save_pretrained(tmp_path / "adapter")
+    load_adapter(ours, tmp_path / "adapter")
+    ids = torch.randint(0, 80, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = ours.eval()(ids).logits, adapted.eval()(ids).logits
+        with adapted.disable_adapter():
+            base = adapted(ids).logits
+    assert (want - base).abs().max() > 0.01 * want.abs().max()  # the adapter matters
+    # fp32, the same weights and LoRA factors on both sides: only the summation order differs
+    # (dot products of <= 128 terms, two layers), far inside 1e-4 of the largest logit
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # and back: our save of it is PEFT's file
+    save_adapter(ours, tmp_path / "again")
+    ours_state, peft_state = load_file(tmp_path / "again" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert ours_state.keys() == peft_state.keys() and all(torch.equal(ours_state[k], peft_state[k]) for k in ours_state)
