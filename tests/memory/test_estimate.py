@@ -122,9 +122,18 @@ def test_chunked_loss_replaces_the_logits_by_one_chunk():
     assert saved > 8 * est.GB
 
 
-@pytest.mark.parametrize("config", [CONFIG_A, CONFIG_B, load_preset("llama-2-70b"),
-                                    load_preset("qwen2.5-7b"), load_preset("llama-3.1-8b")],
-                         ids=["A", "B", "llama-2-70b", "qwen2.5-7b", "llama-3.1-8b"])
+# Config C: an MoE (Qwen3-MoE) whose layer 1 is dense (mlp_only_layers), 4 experts, top 2.
+CONFIG_C = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 64,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "num_experts": 4, "num_experts_per_tok": 2, "mlp_only_layers": [1], "vocab_size": 128,
+            "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("config", [CONFIG_A, CONFIG_B, CONFIG_C, load_preset("llama-2-70b"),
+                                    load_preset("qwen2.5-7b"), load_preset("llama-3.1-8b"),
+                                    load_preset("mixtral-8x7b"), load_preset("qwen3-30b-a3b")],
+                         ids=["A", "B", "C-moe", "llama-2-70b", "qwen2.5-7b", "llama-3.1-8b", "mixtral-8x7b",
+                              "qwen3-30b-a3b"])
 def test_param_counts_match_the_meta_model(config):
     hf_config = transformers.AutoConfig.for_model(**config)
     with torch.device("meta"):
@@ -133,8 +142,42 @@ def test_param_counts_match_the_meta_model(config):
     counts = est.count_params(arch, est.TrainSetup())
     projections = sum(m.weight.numel() for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in est.ALL_LINEAR)
-    assert counts.quantized_linear == projections
+    experts = sum(p.numel() for name, p in model.named_parameters() if name.split(".")[-1] in est.EXPERT_WEIGHTS)
+    assert counts.quantized_linear == projections + experts
     assert counts.base_total == sum(p.numel() for p in model.parameters())
+
+
+def test_moe_nf4_bytes_and_lora_count_match_the_quantized_model_and_peft():
+    """Config C quantized by qlora (every expert its own NF4 tensor) holds exactly the estimated NF4
+    bytes, and PEFT's LoRA with target_parameters on the experts has the estimated size. (All
+    layers sparse here: PEFT 0.21.2 turns every target_modules entry ending in gate_proj, up_proj or
+    down_proj on this model type into expert parameters, so it cannot adapt a dense MLP layer.)"""
+    peft = pytest.importorskip("peft")
+    from qlora.model.loading import quantize_model
+    from qlora.nn import Linear4bit
+
+    config = dict(CONFIG_C, mlp_only_layers=[])
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    e = est.estimate(config, est.TrainSetup(rank=4))
+    dense = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=list(est.ATTENTION_PROJECTIONS),
+                                                       target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    assert e.params.lora == sum(p.numel() for p in dense.parameters() if p.requires_grad)
+    nf4 = quantize_model(dense.unload())
+    assert e.bytes_of("nf4 base weights") + e.bytes_of("nf4 quant constants") == \
+        sum(m.weight.nbytes() for m in nf4.modules() if isinstance(m, Linear4bit))
+
+
+def test_moe_activations_count_k_experts_per_token():
+    """An MoE layer saves, per token, k routed copies of its (narrower) MLP: with the same width
+    and k = 1 it would be the dense MLP plus the router's and the gathered copies' bytes."""
+    setup = est.TrainSetup(seq_len=16, rank=4)
+    arch = est.Architecture.from_config(CONFIG_C)
+    dense = est.layer_activation_bytes_per_token(arch, setup, grad_into_layer=True)
+    moe = est.layer_activation_bytes_per_token(arch, setup, grad_into_layer=True, moe=True)
+    a, h, r, im, E, k = 2, 64, 4, 64, 4, 2
+    mlp_dense = a * h + 4 * a * 128 + a * r * 3        # normalized input, 4·a·i, LoRA A·x of gate/up/down
+    per_pair = a * h + 4 * a * im + a * r * 2 + a * h + 4  # gathered input, MLP, A·x of gate_up/down, output, weight
+    assert moe - dense == (a * h + 4 * E + 12 * k + k * per_pair) - mlp_dense
 
 
 def test_lora_count_matches_peft():

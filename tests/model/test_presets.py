@@ -14,7 +14,8 @@ NAMED_IN_ISSUE = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-2-7b
 # Parameter counts the model cards / papers publish, in billions, to the digits they give.
 PUBLISHED_BILLIONS = {"llama-7b": 6.74, "llama-13b": 13.0, "llama-33b": 32.5, "llama-65b": 65.2,
                       "llama-2-7b": 6.74, "llama-2-70b": 69.0, "llama-3.1-8b": 8.03,
-                      "mistral-7b": 7.24, "qwen2.5-7b": 7.61, "qwen2.5-72b": 72.7, "smollm-135m": 0.135}
+                      "mistral-7b": 7.24, "qwen2.5-7b": 7.61, "qwen2.5-72b": 72.7, "smollm-135m": 0.135,
+                      "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5}  # MoE: total, not active, parameters
 
 
 def test_every_preset_in_the_issue_is_shipped_and_complete():
