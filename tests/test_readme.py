@@ -32,3 +32,16 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert scope["y"].shape == (8, 4096)
     assert sorted(n for n, p in scope["layer"].named_parameters() if p.requires_grad) == \
         ["lora_A.default.weight", "lora_B.default.weight"]
+
+
+def test_readme_lists_the_architectures_the_end_to_end_test_covers():
+    """The supported-model table is tests/model/test_architectures.py's ARCHITECTURES, class by class."""
+    import importlib.util
+
+    path = README.parent / "tests" / "model" / "test_architectures.py"
+    spec = importlib.util.spec_from_file_location("test_architectures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = re.search(r"<!-- architectures -->(.*?)<!-- /architectures -->", README.read_text(encoding="utf-8"), re.S)
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`]+)` \|", table.group(1), re.M))
+    assert rows == {name: cls for name, (_, cls, _) in module.ARCHITECTURES.items()}
