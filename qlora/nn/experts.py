@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from qlora.ops.functional import LoRAAdapterArgs, nf4_lora_linear
 from qlora.quant.nf4 import NF4Tensor
 from qlora.nn.linear4bit import Linear4bit
-from qlora.nn.lora import LORA_INITS, check_adapter_name
+from qlora.nn.lora import LORA_INITS, LoRAAdapters
 
 
 def fused_expert_parameters(module: nn.Module) -> list[str]:
@@ -66,7 +66,7 @@ class ExpertLinears4bit(nn.Module):
                 f"out_features={self.out_features}, transposed={self.transposed}")
 
 
-class LoRAExpertLinears(nn.Module):
+class LoRAExpertLinears(LoRAAdapters):
     """LoRA on every expert of an :class:`ExpertLinears4bit`, in PEFT's layout for a targeted 3-D
     parameter (``LoraConfig(target_parameters=...)``, ``peft.tuners.lora.ParamWrapper``).
 
@@ -86,34 +86,16 @@ class LoRAExpertLinears(nn.Module):
         self.base_layer = base_layer
         self.num_experts = base_layer.num_experts
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.init: dict[str, str] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
         self.add_adapter(adapter_name, r, lora_alpha, use_rslora, init)
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False,
                     init: str = "default") -> None:
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r} (adapter {name!r})")
-        check_adapter_name(name)
-        if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self._check_new_adapter(name, r)
         if init not in LORA_INITS or init == "pissa":
             raise ValueError(f"init for MoE experts must be 'default' or 'gaussian', got {init!r} (adapter {name!r})")
-        if self.merged_adapters:
-            raise RuntimeError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
         device = self.base_layer.experts[0].weight.device
         self.lora_A[name] = nn.Linear(self.in_features, r * self.num_experts, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r * self.num_experts, self.out_features, bias=False, device=device)
-        self.r[name], self.lora_alpha[name], self.use_rslora[name], self.init[name] = r, lora_alpha, use_rslora, init
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         # PEFT's init of a targeted parameter is its linear layer's: A as nn.Linear (Kaiming-uniform,
         # a=√5, fan-in = in) or N(0, 1/r²) for "gaussian"; B = 0.
         if init == "gaussian":
@@ -121,7 +103,7 @@ class LoRAExpertLinears(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
-        self.active_adapters.append(name)
+        self._record_adapter(name, r, lora_alpha, use_rslora, init)
 
     def expert_factors(self, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_e [r, in], B_e [out, r]) of adapter ``name`` for ``expert`` (views of the parameters)."""
@@ -144,53 +126,23 @@ class LoRAExpertLinears(nn.Module):
         b = self.lora_B[name].weight.float().reshape(self.out_features, r, E).permute(2, 0, 1)
         return self.scaling[name] * (b @ a)
 
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        names = [names] if isinstance(names, str) else list(names)
-        if self.merged_adapters:
-            raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge before set_adapter")
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
-        self.active_adapters = names
-
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.lora_A:
-            raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge first")
-        del self.lora_A[name], self.lora_B[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.init):
-            table.pop(name, None)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
-
     @torch.no_grad()
     def merge(self, names: Iterable[str], dtype: Optional[torch.dtype] = None) -> None:
         """Run with W_e + Σ s·B_e·A_e, formed in fp32 and kept dense in ``dtype`` (default: what the
         NF4 weights dequantize to); the NF4 experts stay untouched for :meth:`unmerge`."""
         names = list(names)
-        if self.merged_adapters:
-            raise RuntimeError(f"adapters {self.merged_adapters} are already merged; unmerge first")
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        self._check_merge(names)
         w = self.base_layer.dequantized(torch.float32)
         for name in names:
             w += self.delta_weight(name)
         self.merged_weight = w.to(dtype or self.base_layer.experts[0].weight.dtype)
-        self.merged_adapters = names
-        self.active_before_merge = self.active_adapters
-        self.active_adapters = [n for n in self.active_adapters if n not in names]
+        self._mark_merged(names)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
-        self.active_adapters = self.active_before_merge
-        del self.merged_weight, self.active_before_merge
-        self.merged_adapters = []
-
-    def extra_repr(self) -> str:
-        return f"adapters={ {n: self.r[n] for n in self.lora_A} }, active={self.active_adapters}"
+        del self.merged_weight
+        self._mark_unmerged()
 
 
 def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

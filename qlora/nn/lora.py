@@ -21,7 +21,86 @@ def check_adapter_name(name: str) -> None:
                          "that is not an attribute of nn.ModuleDict (such as 'train' or 'keys')")
 
 
-class LoRALinear(nn.Module):
+class LoRAAdapters(nn.Module):
+    """The per-adapter state PEFT's LoraLayer keeps, shared by :class:`LoRALinear` and
+    :class:`qlora.nn.experts.LoRAExpertLinears`: the ``lora_A`` / ``lora_B`` module dicts, each
+    adapter's r, alpha, scaling s = α/r (α/√r with rsLoRA) and init, which adapters are active,
+    merged or switched off, and selecting and deleting adapters by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.init: dict[str, str] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def _check_new_adapter(self, name: str, r: int) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r} (adapter {name!r})")
+        check_adapter_name(name)
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged_adapters:
+            raise RuntimeError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
+
+    def _record_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool, init: str) -> None:
+        """Note a new adapter (its lora_A / lora_B already in place) and make it active."""
+        self.r[name], self.lora_alpha[name], self.use_rslora[name], self.init[name] = r, lora_alpha, use_rslora, init
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (and everything kept under that name, e.g. a DoRA magnitude)."""
+        if name not in self.lora_A:
+            raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge first")
+        for module in self._modules.values():
+            if isinstance(module, nn.ModuleDict) and name in module:
+                del module[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.init):
+            table.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        if self.merged_adapters:
+            raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge before set_adapter")
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        self.active_adapters = names
+
+    def _check_merge(self, names: list[str]) -> None:
+        if self.merged_adapters:
+            raise RuntimeError(f"adapters {self.merged_adapters} are already merged; unmerge first")
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+
+    def _mark_merged(self, names: list[str]) -> None:
+        # The merged adapters now act through the base weight; the forward must not add them again.
+        self.merged_adapters = names
+        self.active_before_merge = self.active_adapters
+        self.active_adapters = [n for n in self.active_adapters if n not in names]
+
+    def _mark_unmerged(self) -> None:
+        self.active_adapters = self.active_before_merge
+        del self.active_before_merge
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        return f"adapters={ {n: self.r[n] for n in self.lora_A} }, active={self.active_adapters}"
+
+
+class LoRALinear(LoRAAdapters):
     """y = W0·x + b + Σ_{a active} s_a · B_a(A_a(dropout_a(x))).
 
     ``base_layer`` is a :class:`Linear4bit` (the QLoRA case) or a dense ``nn.Linear``. Each adapter
@@ -40,46 +119,25 @@ class LoRALinear(nn.Module):
         self.out_features = base_layer.out_features
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.init: dict[str, str] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init)
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init: str = "default") -> None:
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r} (adapter {name!r})")
+        self._check_new_adapter(name, r)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r} (adapter {name!r})")
-        check_adapter_name(name)
-        if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
         if init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}, got {init!r} (adapter {name!r})")
         if init == "pissa" and r > min(self.in_features, self.out_features):
             raise ValueError(f"pissa init needs r <= min(in, out) = {min(self.in_features, self.out_features)}, "
                              f"got r={r} (adapter {name!r})")
-        if self.merged_adapters:
-            raise RuntimeError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
         device = self._base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
-        self.use_rslora[name] = use_rslora
-        self.init[name] = init
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self._record_adapter(name, r, lora_alpha, use_rslora, init)
         self.reset_adapter(name)
-        self.active_adapters.append(name)
 
     def reset_adapter(self, name: str) -> None:
         """Initialise adapter ``name`` as ``self.init[name]`` says (PEFT's ``init_lora_weights``):
@@ -125,31 +183,13 @@ class LoRALinear(nn.Module):
         else:
             self.base_layer.weight.data.copy_(w)
 
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (and everything kept under that name, e.g. a DoRA magnitude)."""
-        if name not in self.lora_A:
-            raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge first")
-        for module in self._modules.values():
-            if isinstance(module, nn.ModuleDict) and name in module:
-                del module[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.init):
-            table.pop(name, None)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
-
     @torch.no_grad()
     def merge(self, names: Iterable[str], dtype: Optional[torch.dtype] = None) -> None:
         """Fold adapters ``names`` into a dense base: W = W0 + Σ s·B·A formed in fp32 and stored in
         ``dtype`` (default: the dtype W0 dequantizes to). The NF4 (or dense) W0 is kept aside
         untouched, so :meth:`unmerge` restores it exactly rather than subtracting in 16 bits."""
         names = list(names)
-        if self.merged_adapters:
-            raise RuntimeError(f"adapters {self.merged_adapters} are already merged; unmerge first")
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
+        self._check_merge(names)
         w = self._base_weight_fp32()
         for name in names:
             w += self.delta_weight(name)
@@ -163,28 +203,15 @@ class LoRALinear(nn.Module):
             merged.bias.requires_grad_(False)
         self.unmerged_base = self.base_layer
         self.base_layer = merged
-        self.merged_adapters = names
-        # The merged adapters now act through the base weight; the forward must not add them again.
-        self.active_before_merge = self.active_adapters
-        self.active_adapters = [n for n in self.active_adapters if n not in names]
+        self._mark_merged(names)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`: the original W0 comes back bit for bit."""
         if not self.merged_adapters:
             return
         self.base_layer = self.unmerged_base
-        self.active_adapters = self.active_before_merge
-        del self.unmerged_base, self.active_before_merge
-        self.merged_adapters = []
-
-    def set_adapter(self, names: Union[str, Iterable[str]]) -> None:
-        names = [names] if isinstance(names, str) else list(names)
-        if self.merged_adapters:
-            raise RuntimeError(f"adapters {self.merged_adapters} are merged; unmerge before set_adapter")
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A)}")
-        self.active_adapters = names
+        del self.unmerged_base
+        self._mark_unmerged()
 
     def _base_device(self) -> torch.device:
         return self.base_layer.weight.device
@@ -210,6 +237,3 @@ class LoRALinear(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B·A in fp32, [out, in]: what merging this adapter adds to W0."""
         return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
-
-    def extra_repr(self) -> str:
-        return f"adapters={ {n: self.r[n] for n in self.lora_A} }, active={self.active_adapters}"
