@@ -72,18 +72,22 @@ def _blockwise_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int, *,
                      ties_to_even: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``flat`` (fp32, 1-D) blockwise to the nearest value of the sorted ``code``.
 
-    Returns (codes int64 [n], absmax fp32 [ceil(n / blocksize)]). Each block is scaled by the fp32
+    Returns (codes int32 [n], absmax fp32 [ceil(n / blocksize)]). Each block is scaled by the fp32
     reciprocal of its absmax. A scaled value equal to the midpoint of codes k and k+1 takes k, or
     with ``ties_to_even`` whichever of k, k+1 is even (see the module docstring). An all-zero block
     is scaled by 0, so it takes the code nearest 0.0.
     """
     n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # |0| never raises a max
-    absmax = padded.abs().amax(dim=1)
+    full = n - n % blocksize  # full blocks, then a trailing partial one
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    if full < n:
+        absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    scaled = (padded * inverse.unsqueeze(1)).view(-1)[:n]
+    scaled = (flat[:full].view(-1, blocksize) * inverse[:full // blocksize, None]).view(-1)
+    if full < n:
+        scaled = torch.cat([scaled, flat[full:] * inverse[-1]])
     midpoints = ((code[:-1] + code[1:]) / 2).to(flat.device)
-    codes = torch.bucketize(scaled, midpoints)  # scaled == midpoints[k] -> k
+    codes = torch.bucketize(scaled, midpoints, out_int32=True)  # scaled == midpoints[k] -> k
     if ties_to_even:
         on_midpoint = scaled == midpoints[codes.clamp(max=midpoints.numel() - 1)]
         codes += on_midpoint & (codes % 2 == 1)

@@ -221,6 +221,36 @@ def big_checkpoint(tmp_path_factory):
     return path
 
 
+BIG_MOE = dict(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+               num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, architectures=["MixtralForCausalLM"])
+
+
+@pytest.fixture(scope="module")
+def big_moe_checkpoint(tmp_path_factory):
+    """A ~160 MB bf16 Mixtral checkpoint (79M parameters, 8 experts per layer) in Mixtral's own
+    layout (block_sparse_moe.experts.<e>.w1/w2/w3), which transformers renames and fuses on load;
+    written from random tensors, with a tiny one to warm up the imports."""
+    path = tmp_path_factory.mktemp("big-moe")
+    config = transformers.MixtralConfig(**BIG_MOE)
+    g = torch.Generator().manual_seed(0)
+    h, i, E = BIG_MOE["hidden_size"], BIG_MOE["intermediate_size"], BIG_MOE["num_local_experts"]
+    shapes = {"model.embed_tokens.weight": (512, h), "lm_head.weight": (512, h), "model.norm.weight": (h,)}
+    for layer in range(BIG_MOE["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        shapes.update({prefix + f"self_attn.{p}.weight": (h, h) for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        shapes.update({prefix + "input_layernorm.weight": (h,), prefix + "post_attention_layernorm.weight": (h,),
+                       prefix + "block_sparse_moe.gate.weight": (E, h)})
+        for e in range(E):
+            shapes.update({prefix + f"block_sparse_moe.experts.{e}.{w}.weight": shape
+                           for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h)))})
+    tensors = {k: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for k, shape in shapes.items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(path)
+    _save(transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **TINY, num_local_experts=2, num_experts_per_tok=1)), path / "warmup")
+    return path
+
+
 _MEASURE = textwrap.dedent("""
     import json, sys, threading, time, tracemalloc
     import torch
@@ -253,16 +283,20 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+def _measure_load(checkpoint):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")  # freed blocks go back to the OS
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(checkpoint)], env=env, capture_output=True,
+                         text=True, timeout=180, cwd=checkpoint)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_peak_memory_is_the_quantized_model_plus_one_tensor(big_checkpoint):
     """Load in a fresh process (so earlier tests' memory does not count) and sample its anonymous
     RSS: the increase must stay within the loaded model + one checkpoint tensor + the chunk
     temporaries + 24 MiB for the allocator's slack and the model's Python objects, far below the
     checkpoint's size (a loader holding the dense weights would need all of it)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")  # freed blocks go back to the OS
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(big_checkpoint)], env=env, capture_output=True,
-                         text=True, timeout=120, cwd=big_checkpoint)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _measure_load(big_checkpoint)
     checkpoint_bytes = (big_checkpoint / "model.safetensors").stat().st_size
     largest = BIG["hidden_size"] * BIG["intermediate_size"] * 4  # an fp32 gate/up/down weight
     bound = result["model"] + largest + 24 * QUANT_CHUNK_ELEMENTS + (24 << 20)
@@ -270,6 +304,22 @@ def test_peak_memory_is_the_quantized_model_plus_one_tensor(big_checkpoint):
     assert result["peak"] <= bound, (result, bound)
     assert result["peak"] < 0.5 * checkpoint_bytes, result
     assert result["python_peak"] < (8 << 20), result  # no tensor data passes through Python objects
+
+
+def test_peak_memory_of_an_moe_checkpoint_is_the_model_plus_one_fused_target(big_moe_checkpoint):
+    """As above for transformers' weight conversions: the per-expert tensors of one layer are read
+    when their fused target is built, and transformers' ops (stack, then concatenate) hold at most
+    twice that target; then it is quantized expert by expert. Bound: the loaded model + twice the
+    largest fused target (one layer's gate_up_proj, E·2i·h bf16) + chunk temporaries + 24 MiB, far
+    below the checkpoint (every expert of every layer)."""
+    result = _measure_load(big_moe_checkpoint)
+    checkpoint_bytes = (big_moe_checkpoint / "model.safetensors").stat().st_size
+    fused = BIG_MOE["num_local_experts"] * 2 * BIG_MOE["intermediate_size"] * BIG_MOE["hidden_size"] * 2
+    bound = result["model"] + 2 * fused + 24 * QUANT_CHUNK_ELEMENTS + (24 << 20)
+    assert checkpoint_bytes > 150e6
+    assert result["peak"] <= bound, (result, bound)
+    assert result["peak"] < 0.75 * checkpoint_bytes, result
+    assert result["python_peak"] < (8 << 20), result
 
 
 def test_the_model_does_not_refer_to_the_checkpoint_file(tmp_path):
