@@ -186,3 +186,34 @@ def test_export_merged_adalora_loads_in_transformers(tmp_path, llama_path):
     with torch.no_grad():
         # fp32 throughout: the merged weight and the adapter path differ only in summation order
         torch.testing.assert_close(dense(IDS).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_moe_experts_merge_unmerge_and_export(tmp_path):
+    """LoRA on NF4 MoE experts: merge runs W_e + s·B_e·A_e, unmerge restores the NF4 experts exactly,
+    and export_merged writes the fused expert tensors that transformers loads as they are."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base", compute_dtype=torch.float32)
+    add_lora(model, r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = torch.randint(0, 96, (2, 9), generator=g)
+    with torch.no_grad():
+        adapted = model.eval()(ids).logits
+        merge(model)
+        merged = model(ids).logits
+        unmerge(model)
+        assert torch.equal(model(ids).logits, adapted)
+    export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        reloaded = exported(ids).logits
+    # fp32, W + ΔW against W·x + B·(A·x): summation order only (dot products of <= 128 terms)
+    for got in (merged, reloaded):
+        assert (got - adapted).abs().max() <= 1e-4 * adapted.abs().max()
