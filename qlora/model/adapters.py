@@ -15,8 +15,9 @@ from typing import Union
 import torch
 from torch import nn
 
-from qlora.model.inject import (LoRAReport, add_lora, expert_lora_layers, is_expert_layer, lora_layers,
-                                modules_to_save_names, pattern_value, peft_nesting)
+from qlora.model.inject import (LoRAReport, add_lora, all_lora_layers, expert_lora_layers, modules_to_save_names,
+                                pattern_value, peft_nesting)
+from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears, is_router
 from qlora.model.peft_files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_config, check_weights, fill_adapter,
                                     read_config, read_weights, target_layers)
 from qlora.util.atomic import write_atomic
@@ -83,11 +84,11 @@ def save_adapter(model: nn.Module, dir: Union[str, os.PathLike], adapter_name: s
 def _expected_shapes(model: nn.Module, config: dict, layers: list[str]) -> dict[str, tuple]:
     """Key -> shape for everything an adapter with ``config`` has on ``layers`` of ``model``."""
     shapes: dict[str, tuple] = {}
-    experts = [n for n in layers if is_expert_layer(model.get_submodule(n))]
+    experts = [n for n in layers if isinstance(model.get_submodule(n), (ExpertLinears4bit, LoRAExpertLinears))]
     for name in layers:
         module = model.get_submodule(name)
         base = module.base_layer if hasattr(module, "base_layer") else module
-        d_in, d_out = _features(base)
+        d_in, d_out = (base.weight.shape[1], base.weight.shape[0]) if is_router(base) else _features(base)
         r = pattern_value(name, config.get("rank_pattern"), config["r"])
         if name in experts:  # PEFT's ParamWrapper: A [r·E, in], B [out, r·E]
             key = f"{PREFIX}{name.rpartition('.')[0]}.{peft_nesting(model, name, experts)}"
@@ -159,8 +160,8 @@ def load_adapter(model: nn.Module, dir: Union[str, os.PathLike], adapter_name: s
 
 def _parameters_by_peft_key(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     params: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model):
-        if adapter_name not in layer.lora_A:
+    for name, layer in all_lora_layers(model):
+        if adapter_name not in layer.lora_A or isinstance(layer, LoRAExpertLinears):
             continue
         params[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         params[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight

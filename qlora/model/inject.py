@@ -10,9 +10,9 @@ from torch import nn
 
 from qlora.adalora.layer import AdaLoRALinear
 from qlora.nn.dora import DoRALinear
-from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears
+from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears, LoRARouter, is_router
 from qlora.nn.linear4bit import Linear4bit
-from qlora.nn.lora import LORA_INITS, LoRALinear, check_adapter_name
+from qlora.nn.lora import LORA_INITS, LoRAAdapters, LoRALinear, check_adapter_name
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
 
 TargetSpec = Union[str, Iterable[str]]
@@ -44,20 +44,20 @@ def _conv1d_class():
     return Conv1D
 
 
-def adaptable_layers(model: nn.Module, experts: bool = True) -> Iterator[tuple[str, nn.Module]]:
+def adaptable_layers(model: nn.Module, parameters: bool = True) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every layer LoRA can wrap: ``Linear4bit``, dense ``nn.Linear``, GPT-2
-    ``Conv1D``, the NF4 fused weights of MoE experts (``ExpertLinears4bit``, named
-    ``<experts module>.<parameter>`` as PEFT's ``target_parameters`` name them; only with
-    ``experts``), and layers already wrapped (``LoRALinear``, ``AdaLoRALinear``,
-    ``LoRAExpertLinears``), without looking inside any of them."""
+    ``Conv1D``, and, with ``parameters``, what PEFT adapts as ``target_parameters``: the NF4 fused
+    weights of MoE experts (``ExpertLinears4bit``, named ``<experts module>.<parameter>``) and MoE
+    routers (named as their module; PEFT's key adds ``.weight``); and layers already wrapped
+    (``LoRALinear``, ``AdaLoRALinear``, ``LoRAExpertLinears``, ``LoRARouter``), without looking
+    inside any of them."""
     conv1d = _conv1d_class()
-    expert_kinds = (ExpertLinears4bit, LoRAExpertLinears)
 
     def walk(module: nn.Module, prefix: str):
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, expert_kinds):
-                if experts:
+            if is_parameter_layer(child):
+                if parameters:
                     yield name, child
             elif isinstance(child, (LoRALinear, AdaLoRALinear, Linear4bit, nn.Linear, conv1d)):
                 yield name, child
@@ -76,6 +76,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def expert_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRAExpertLinears]]:
     for name, module in adaptable_layers(model):
         if isinstance(module, LoRAExpertLinears):
+            yield name, module
+
+
+def all_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRAAdapters]]:
+    """Every layer holding LoRA adapters: linear (and DoRA), MoE experts, MoE routers."""
+    for name, module in adaptable_layers(model):
+        if isinstance(module, LoRAAdapters):
             yield name, module
 
 
@@ -111,13 +118,13 @@ def matches_target(name: str, target: str) -> bool:
         return False
 
 
-def resolve_targets(model: nn.Module, target_modules: TargetSpec, experts: bool = True) -> list[str]:
-    """Names of the layers ``target_modules`` selects (MoE expert weights among the candidates only
-    with ``experts``); every entry must select at least one layer."""
-    candidates = [name for name, _ in adaptable_layers(model, experts)]
+def resolve_targets(model: nn.Module, target_modules: TargetSpec, parameters: bool = True) -> list[str]:
+    """Names of the layers ``target_modules`` selects (MoE experts and routers among the candidates
+    only with ``parameters``); every entry must select at least one layer."""
+    candidates = [name for name, _ in adaptable_layers(model, parameters)]
     if isinstance(target_modules, str) and target_modules == "all-linear":
-        head = _output_head_name(model)
-        selected = [n for n in candidates if n != head]
+        head = _output_head_name(model)  # and no router: its LoRA is only ever asked for by name
+        selected = [n for n in candidates if n != head and not _is_router_layer(model.get_submodule(n))]
     elif isinstance(target_modules, str) and target_modules in ("attention", "mlp"):
         pattern = PRESETS[_family(model)][target_modules]
         selected = [n for n in candidates if re.fullmatch(pattern, n)]
@@ -149,8 +156,13 @@ def pattern_value(name: str, pattern: Optional[dict], default):
     return default
 
 
-def is_expert_layer(module: nn.Module) -> bool:
-    return isinstance(module, (ExpertLinears4bit, LoRAExpertLinears))
+def is_parameter_layer(module: nn.Module) -> bool:
+    """What PEFT adapts as ``target_parameters``: fused MoE expert weights and MoE routers."""
+    return isinstance(module, (ExpertLinears4bit, LoRAExpertLinears, LoRARouter)) or is_router(module)
+
+
+def _is_router_layer(module: nn.Module) -> bool:
+    return isinstance(module, LoRARouter) or is_router(module)
 
 
 def _suffix_names(names: list[str], candidates: list[str], min_components: int) -> list[str]:
@@ -167,16 +179,23 @@ def _suffix_names(names: list[str], candidates: list[str], min_components: int) 
 def peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """What to write as PEFT's ``target_modules`` for the adapted linear layers ``names``: their last
     name components when those select exactly the same layers under PEFT's suffix rule, else the
-    full names. (MoE expert weights are parameters to PEFT: see :func:`peft_target_parameters`.)"""
-    linear = [n for n, m in adaptable_layers(model) if not is_expert_layer(m)]
+    full names. (MoE experts and routers are parameters to PEFT: see :func:`peft_target_parameters`.)"""
+    linear = [n for n, m in adaptable_layers(model) if not is_parameter_layer(m)]
     return _suffix_names([n for n in names if n in linear], linear, 1)
 
 
+def peft_parameter_key(model: nn.Module, name: str) -> str:
+    """PEFT's ``<module>.<parameter>`` key of a parameter layer: the expert weight's own name, a
+    router's name plus ``.weight``."""
+    return f"{name}.weight" if _is_router_layer(model.get_submodule(name)) else name
+
+
 def peft_target_parameters(model: nn.Module, names: list[str]) -> list[str]:
-    """PEFT's ``target_parameters`` for the adapted MoE expert weights among ``names``
-    (``experts.gate_up_proj``-style ends when they select exactly those)."""
-    experts = [n for n, m in adaptable_layers(model) if is_expert_layer(m)]
-    return _suffix_names([n for n in names if n in experts], experts, 2)
+    """PEFT's ``target_parameters`` for the adapted MoE experts and routers among ``names``
+    (``experts.gate_up_proj``, ``gate.weight``-style ends when they select exactly those)."""
+    keys = [peft_parameter_key(model, n) for n, m in adaptable_layers(model) if is_parameter_layer(m)]
+    chosen = [peft_parameter_key(model, n) for n in names if is_parameter_layer(model.get_submodule(n))]
+    return _suffix_names(chosen, keys, 2)
 
 
 def peft_nesting(model: nn.Module, name: str, adapted: Iterable[str]) -> str:
@@ -228,7 +247,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
             total += module.weight.numel()  # MoE experts are Linear4bit layers too, one per expert
     rows: dict[str, list[int]] = {}
     in_layers: set[int] = set()
-    adapted = ((n, m) for n, m in adaptable_layers(model) if isinstance(m, (LoRALinear, AdaLoRALinear, LoRAExpertLinears)))
+    adapted = ((n, m) for n, m in adaptable_layers(model) if isinstance(m, (LoRAAdapters, AdaLoRALinear)))
     for name, layer in adapted:
         count = 0
         for p in layer.parameters():
@@ -272,17 +291,18 @@ def _dense_from_conv1d(conv) -> nn.Linear:
     return linear
 
 
-def _check_expert_lora(name: str, dropout: float, use_dora: bool, init: str) -> None:
-    """LoRA on fused MoE experts is PEFT's ParamWrapper, which has no dropout, DoRA or PiSSA."""
+def _check_parameter_lora(name: str, dropout: float, use_dora: bool, init: str) -> None:
+    """LoRA on MoE experts and routers is PEFT's ParamWrapper, which has no dropout, DoRA or PiSSA."""
     if dropout > 0:
-        raise ValueError(f"{name}: LoRA on MoE experts takes no dropout (PEFT's target_parameters adapters, "
-                         f"which it must load as, have none); set dropout to 0, or leave the experts out "
+        raise ValueError(f"{name}: LoRA on MoE experts and routers takes no dropout (PEFT's target_parameters "
+                         f"adapters, which it must load as, have none); set dropout to 0, or leave them out "
                          f"of target_modules, got dropout={dropout}")
     if use_dora:
-        raise ValueError(f"{name}: DoRA on MoE experts is not supported (nor by PEFT); leave the experts "
+        raise ValueError(f"{name}: DoRA on MoE experts and routers is not supported (nor by PEFT); leave them "
                          "out of target_modules")
     if init == "pissa":
-        raise ValueError(f"{name}: PiSSA init on MoE experts is not supported; use init='default' or 'gaussian'")
+        raise ValueError(f"{name}: PiSSA init on MoE experts and routers is not supported; use init='default' or "
+                         "'gaussian'")
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0,
@@ -293,10 +313,12 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
 
     ``target_modules``: ``"all-linear"`` (every linear layer but the output head, and the fused
     weights of MoE experts, e.g. ``mlp.experts.gate_up_proj``, which PEFT targets as
-    ``target_parameters``; an MoE router is no linear layer and stays frozen), a preset of the
+    ``target_parameters``; an MoE router is no linear layer: its LoRA, PEFT's ``gate.weight``
+    target parameter, only when named, e.g. ``"mlp.gate"``), a preset of the
     model's family (``"attention"``, ``"mlp"``; see ``PRESETS``), or a name / list of names, each
     an exact module name, a dotted suffix, or a regex matching whole names. LoRA on MoE experts has
-    PEFT's layout and limits: no dropout, no DoRA, no PiSSA (see :class:`LoRAExpertLinears`). ``rank_pattern`` /
+    PEFT's layout and limits: no dropout, no DoRA, no PiSSA (see :class:`LoRAExpertLinears`), and
+    so has a router's (:class:`LoRARouter`). ``rank_pattern`` /
     ``alpha_pattern`` override r / alpha per layer by PEFT's rule (regex on the name's end).
     ``init``: ``"default"`` | ``"gaussian"`` | ``"pissa"`` (see :meth:`LoRALinear.reset_adapter`).
     ``modules_to_save``: modules (e.g. a new head) trained in full alongside. Everything but the
@@ -322,8 +344,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
             raise ValueError(f"{name}: cannot mix LoRA and AdaLoRA adapters on one layer")
         if isinstance(module, LoRALinear) and isinstance(module, DoRALinear) != use_dora:
             raise ValueError(f"{name}: cannot mix DoRA and plain LoRA adapters on one layer")
-        if is_expert_layer(module):
-            _check_expert_lora(name, dropout, use_dora, init)
+        if is_parameter_layer(module):
+            _check_parameter_lora(name, dropout, use_dora, init)
     to_save = {target: modules_to_save_names(model, target) for target in modules_to_save or ()}
     lora_class = DoRALinear if use_dora else LoRALinear
     conv1d = _conv1d_class()
@@ -335,10 +357,12 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
         layer_alpha = pattern_value(name, alpha_pattern, alpha)
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, layer_r, layer_alpha, dropout, use_rslora, init)
-        elif isinstance(module, LoRAExpertLinears):
+        elif isinstance(module, (LoRAExpertLinears, LoRARouter)):
             module.add_adapter(adapter_name, layer_r, layer_alpha, use_rslora, init)
         elif isinstance(module, ExpertLinears4bit):
             _set_module(model, name, LoRAExpertLinears(module, layer_r, layer_alpha, adapter_name, use_rslora, init))
+        elif is_router(module):
+            _set_module(model, name, LoRARouter(module, layer_r, layer_alpha, adapter_name, use_rslora, init))
         else:
             if isinstance(module, conv1d):
                 module = _dense_from_conv1d(module)
@@ -347,7 +371,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     for hits in to_save.values():
         for name in hits:
             _add_module_to_save(model, name, adapter_name)
-    for _, layer in list(lora_layers(model)) + list(expert_lora_layers(model)):
+    for _, layer in all_lora_layers(model):
         for module in layer.children():
             if isinstance(module, nn.ModuleDict) and adapter_name in module:
                 module[adapter_name].requires_grad_(True)
@@ -375,7 +399,7 @@ def add_adalora(model: nn.Module, init_r: int = 12, alpha: float = 8, dropout: f
     check_adapter_name(adapter_name)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    names = resolve_targets(model, target_modules, experts=False)  # PEFT's AdaLoRA has no MoE-experts form
+    names = resolve_targets(model, target_modules, parameters=False)  # PEFT's AdaLoRA has no MoE form
     for name in names:  # every check before the model is changed
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from qlora.util.atomic import write_atomic
-from qlora.model.inject import expert_lora_layers, lora_layers
+from qlora.model.inject import all_lora_layers
 from qlora.quant.nf4 import quantize
 from qlora.nn.linear4bit import Linear4bit
 from qlora.adalora.layer import AdaLoRALinear
-from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears
+from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears, LoRARouter
 from qlora.nn.lora import LoRALinear
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
 
@@ -42,7 +42,7 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None,
         raise ValueError(f"merge: {adalora[0]} (and {len(adalora) - 1} more) holds AdaLoRA adapters, "
                          "which are not merged in place; export_merged writes them merged")
     names = None if adapter_names is None else list(adapter_names)
-    layers = list(lora_layers(model)) + list(expert_lora_layers(model))
+    layers = list(all_lora_layers(model))
     if names is not None:
         known = {n for _, layer in layers for n in layer.lora_A}
         unknown = [n for n in names if n not in known]
@@ -59,7 +59,7 @@ def merge(model: nn.Module, adapter_names: Optional[Iterable[str]] = None,
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` everywhere: the original (NF4) base weights come back bit for bit."""
-    for _, layer in list(lora_layers(model)) + list(expert_lora_layers(model)):
+    for _, layer in all_lora_layers(model):
         layer.unmerge()
 
 
@@ -180,14 +180,36 @@ class _Exporter:
         w = base.dequantized(torch.float32)
         if isinstance(module, LoRAExpertLinears):
             for adapter in dict.fromkeys(module.merged_adapters + _names_for(module, self.adapter_names)):
-                w += module.delta_weight(adapter)
+                w = w + module.delta_weight(adapter)
         # dense even with quantize_merged: transformers' bitsandbytes loading keeps fused experts dense
         self.tensor(name, w.transpose(1, 2) if base.transposed else w, owned=False)
+
+    def router(self, name: str, module: LoRARouter) -> None:
+        """An MoE router with LoRA: its weight W + Σ s·B·A (fp32, from the unmerged W), the rest of
+        the router as it is."""
+        base = module.base_layer
+        w = (module.unmerged_weight if module.merged_adapters else base.weight).float()
+        for adapter in dict.fromkeys(module.merged_adapters + _names_for(module, self.adapter_names)):
+            w = w + module.delta_weight(adapter)
+        self.tensor(f"{name}.weight", w, owned=False)
+        self.own_tensors(base, f"{name}.", skip=("weight",))
+
+    def own_tensors(self, module: nn.Module, prefix: str, skip=()) -> None:
+        """The parameters and persistent buffers of ``module`` itself (not its children)."""
+        for key, p in module._parameters.items():
+            if p is not None and key not in skip:
+                self.tensor(prefix + key, p)
+        for key, b in module._buffers.items():
+            if b is not None and key not in module._non_persistent_buffers_set:
+                self.tensor(prefix + key, b)
 
     def walk(self, module: nn.Module, name: str) -> None:
         prefix = f"{name}." if name else ""
         if isinstance(module, (ExpertLinears4bit, LoRAExpertLinears)):
             self.experts(name, module)
+            return
+        if isinstance(module, LoRARouter):
+            self.router(name, module)
             return
         if isinstance(module, LoRALinear):
             w = _merged_weight(module, self.adapter_names)
@@ -216,12 +238,7 @@ class _Exporter:
             return
         if isinstance(module, nn.Linear) and self.quantize_merged:
             self.dense_linear.append(name)
-        for key, p in module._parameters.items():
-            if p is not None:
-                self.tensor(prefix + key, p)
-        for key, b in module._buffers.items():
-            if b is not None and key not in module._non_persistent_buffers_set:
-                self.tensor(prefix + key, b)
+        self.own_tensors(module, prefix)
         for child_name, child in module._modules.items():
             if child is not None:
                 self.walk(child, prefix + child_name)

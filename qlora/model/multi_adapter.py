@@ -8,10 +8,10 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from qlora.model.inject import adaptable_layers, expert_lora_layers, lora_layers, peft_target_modules
+from qlora.model.inject import adaptable_layers, all_lora_layers, lora_layers, peft_target_modules
 from qlora.adalora.layer import AdaLoRALinear
 from qlora.nn.dora import DoRALinear
-from qlora.nn.experts import LoRAExpertLinears
+from qlora.nn.lora import LoRAAdapters
 from qlora.nn.lora import LoRALinear, check_adapter_name
 from qlora.nn.modules_to_save import ModulesToSaveWrapper
 
@@ -22,11 +22,10 @@ def _wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
-def _adapter_layers(model: nn.Module) -> list[tuple[str, Union[LoRALinear, AdaLoRALinear, LoRAExpertLinears]]]:
-    """LoRA (and DoRA), AdaLoRA and MoE-expert LoRA layers: what selecting, disabling and deleting
-    adapters acts on."""
-    return [(n, m) for n, m in adaptable_layers(model)
-            if isinstance(m, (LoRALinear, AdaLoRALinear, LoRAExpertLinears))]
+def _adapter_layers(model: nn.Module) -> list[tuple[str, Union[LoRAAdapters, AdaLoRALinear]]]:
+    """LoRA (and DoRA, and on MoE experts and routers) and AdaLoRA layers: what selecting,
+    disabling and deleting adapters acts on."""
+    return [(n, m) for n, m in adaptable_layers(model) if isinstance(m, (LoRAAdapters, AdaLoRALinear))]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -59,7 +58,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """``with disable_adapters(model):`` runs the base model alone; the previous state comes back
     on exit, also after an exception."""
     layers = [layer for _, layer in _adapter_layers(model)] + [w for _, w in _wrappers(model)]
-    merged = [n for n, layer in list(lora_layers(model)) + list(expert_lora_layers(model)) if layer.merged_adapters]
+    merged = [n for n, layer in all_lora_layers(model) if layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapters are merged into {merged[0]} (and {len(merged) - 1} more layers); "
                            "unmerge before disabling them")
@@ -129,7 +128,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
 
     The new adapter has scaling 1 (alpha = its rank) and is not activated. DoRA adapters cannot be
     combined this way (their delta depends on W0 nonlinearly), nor AdaLoRA ones (their layers hold
-    no LoRA adapters to add it to), nor adapters on MoE experts. Returns the layers it was added to.
+    no LoRA adapters to add it to), nor adapters on MoE experts and routers. Returns the layers it was added to.
     """
     names, weights = list(names), [float(w) for w in weights]
     if method not in COMBINE_METHODS:
@@ -148,9 +147,10 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
                if isinstance(layer, AdaLoRALinear) and any(a in layer.lora_A for a in names)]
     if adalora:
         raise ValueError(f"{adalora[0]}: AdaLoRA adapters cannot be combined")
-    experts = [n for n, layer in expert_lora_layers(model) if any(a in layer.lora_A for a in names)]
-    if experts:
-        raise ValueError(f"{experts[0]}: adapters on MoE experts cannot be combined")
+    moe = [n for n, layer in all_lora_layers(model)
+           if not isinstance(layer, LoRALinear) and any(a in layer.lora_A for a in names)]
+    if moe:
+        raise ValueError(f"{moe[0]}: adapters on MoE experts and routers cannot be combined")
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.lora_A for a in names)]
     dora = [n for n, layer in layers if isinstance(layer, DoRALinear)]
     if dora:

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora.model.inject import adaptable_layers, is_expert_layer, matches_target, resolve_targets
+from qlora.model.inject import (adaptable_layers, is_parameter_layer, matches_target, peft_parameter_key,
+                                resolve_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,17 +63,22 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def target_layers(model: nn.Module, path: Path, config: dict) -> list[str]:
     """The layers of ``model`` that the config's ``target_modules`` select (linear layers, as in
-    PEFT: ``all-linear`` leaves MoE experts alone) and its ``target_parameters`` (fused MoE expert
-    weights, ``<module>.<parameter>`` or a dotted end of it), less ``exclude_modules``."""
+    PEFT: ``all-linear`` leaves MoE experts and routers alone) and its ``target_parameters`` (fused
+    MoE expert weights and router weights by PEFT's ``<module>.<parameter>`` key or a dotted end of
+    it), less ``exclude_modules``."""
     layers = []
-    for key, experts in (("target_modules", False), ("target_parameters", True)):
-        if not config.get(key):
-            continue
-        candidates = [n for n, m in adaptable_layers(model) if is_expert_layer(m) == experts]
+    if config.get("target_modules"):
         try:
-            layers += [n for n in resolve_targets(model, config[key], experts=experts) if n in candidates]
+            layers += resolve_targets(model, config["target_modules"], parameters=False)
         except ValueError as err:
-            raise ValueError(f"{path / CONFIG_NAME}: {key} do not fit the model: {err}") from err
+            raise ValueError(f"{path / CONFIG_NAME}: target_modules do not fit the model: {err}") from err
+    keys = {peft_parameter_key(model, n): n for n, m in adaptable_layers(model) if is_parameter_layer(m)}
+    for entry in config.get("target_parameters") or []:
+        hits = [n for key, n in keys.items() if matches_target(key, entry)]
+        if not hits:
+            raise ValueError(f"{path / CONFIG_NAME}: target_parameters entry {entry!r} matches no MoE expert or "
+                             f"router weight of the model (those are e.g. {sorted(keys)[:4]})")
+        layers += [n for n in hits if n not in layers]
     excluded = config.get("exclude_modules") or []
     excluded = [excluded] if isinstance(excluded, str) else excluded
     return [n for n in layers if not any(matches_target(n, e) for e in excluded)]

@@ -13,7 +13,6 @@ experts, one expert's tokens at a time.
 """
 from __future__ import annotations
 
-import math
 import types
 from typing import Iterable, Optional
 
@@ -96,14 +95,8 @@ class LoRAExpertLinears(LoRAAdapters):
         device = self.base_layer.experts[0].weight.device
         self.lora_A[name] = nn.Linear(self.in_features, r * self.num_experts, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r * self.num_experts, self.out_features, bias=False, device=device)
-        # PEFT's init of a targeted parameter is its linear layer's: A as nn.Linear (Kaiming-uniform,
-        # a=√5, fan-in = in) or N(0, 1/r²) for "gaussian"; B = 0.
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
         self._record_adapter(name, r, lora_alpha, use_rslora, init)
+        self._init_factors(name)  # as PEFT: A [r·E, in] initialised as one linear layer's
 
     def expert_factors(self, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_e [r, in], B_e [out, r]) of adapter ``name`` for ``expert`` (views of the parameters)."""
@@ -142,6 +135,72 @@ class LoRAExpertLinears(LoRAAdapters):
         if not self.merged_adapters:
             return
         del self.merged_weight
+        self._mark_unmerged()
+
+
+def is_router(module: nn.Module) -> bool:
+    """A transformers MoE router (``MixtralTopKRouter``, ``Qwen3MoeTopKRouter``, ...): no linear
+    layer, but a module of that name holding a 2-D ``weight`` [E, h] it multiplies the hidden
+    states by."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.lower().endswith("router") and not isinstance(module, nn.Linear)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+
+class LoRARouter(LoRAAdapters):
+    """LoRA on an MoE router's weight W [E, h], as PEFT adapts a targeted 2-D parameter
+    (``target_parameters=["mlp.gate.weight"]``): ``lora_A[a]``: Linear(h, r), ``lora_B[a]``:
+    Linear(r, E), and the router runs its own forward with W + Σ s·B·A in place of W. No dropout,
+    as in PEFT. The weight stays dense (a router is small); LoRA on it is never the default."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, adapter_name: str = "default",
+                 use_rslora: bool = False, init: str = "default"):
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = base_layer.weight.shape
+        self.add_adapter(adapter_name, r, lora_alpha, use_rslora, init)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False,
+                    init: str = "default") -> None:
+        self._check_new_adapter(name, r)
+        if init not in LORA_INITS or init == "pissa":
+            raise ValueError(f"init for an MoE router must be 'default' or 'gaussian', got {init!r} (adapter {name!r})")
+        device = self.base_layer.weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
+        self._record_adapter(name, r, lora_alpha, use_rslora, init)
+        self._init_factors(name)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in fp32, [E, h]."""
+        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+
+    def forward(self, *args, **kwargs):
+        active = [] if self.disable_adapters else self.active_adapters
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        w = self.base_layer.weight
+        for name in active:
+            w = w + self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight).to(w.dtype)
+        return torch.func.functional_call(self.base_layer, {"weight": w}, args, kwargs)
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str], dtype: Optional[torch.dtype] = None) -> None:
+        """Run with W + Σ s·B·A (formed in fp32, stored in ``dtype``, default W's); W is kept aside."""
+        names = list(names)
+        self._check_merge(names)
+        w = self.base_layer.weight.float()
+        for name in names:
+            w = w + self.delta_weight(name)  # never in place: w may be the base weight itself
+        self.unmerged_weight = self.base_layer.weight
+        self.base_layer.weight = nn.Parameter(w.to(dtype or self.unmerged_weight.dtype), requires_grad=False)
+        self._mark_merged(names)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        self.base_layer.weight = self.unmerged_weight
+        del self.unmerged_weight
         self._mark_unmerged()
 
 

@@ -49,6 +49,15 @@ class LoRAAdapters(nn.Module):
         if self.merged_adapters:
             raise RuntimeError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
 
+    def _init_factors(self, name: str) -> None:
+        """PEFT's ``init_lora_weights`` for "default" (A ~ Kaiming-uniform(a=√5), nn.Linear's own
+        init, as PEFT uses) and "gaussian" (A ~ N(0, 1/r²)); B = 0, so the adapter starts at 0."""
+        if self.init[name] == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
     def _record_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool, init: str) -> None:
         """Note a new adapter (its lora_A / lora_B already in place) and make it active."""
         self.r[name], self.lora_alpha[name], self.use_rslora[name], self.init[name] = r, lora_alpha, use_rslora, init
@@ -149,15 +158,10 @@ class LoRALinear(LoRAAdapters):
           dequantized for the SVD and the residual re-quantized (the QPiSSA recipe: the residual
           quantizes with a smaller error than W0, as its largest directions are gone).
         """
-        init = self.init.get(name, "default")
-        if init == "pissa":
+        if self.init.get(name, "default") == "pissa":
             self._pissa_init(name)
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
         else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+            self._init_factors(name)
 
     @torch.no_grad()
     def _pissa_init(self, name: str) -> None:
@@ -192,7 +196,7 @@ class LoRALinear(LoRAAdapters):
         self._check_merge(names)
         w = self._base_weight_fp32()
         for name in names:
-            w += self.delta_weight(name)
+            w = w + self.delta_weight(name)  # never in place: w may be the base weight itself
         dtype = dtype or self.base_layer.weight.dtype
         merged = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
                            device=w.device, dtype=dtype)

@@ -231,8 +231,9 @@ def test_loading_a_second_adapter_leaves_the_first_trainable(tmp_path, llama_pat
 
 
 def test_a_peft_adapter_on_moe_experts_loads_and_computes_as_in_peft(tmp_path):
-    """PEFT targets Mixtral's fused experts as target_parameters (nested ParamWrapper keys); such an
-    adapter loads onto the NF4 experts and computes what PEFT computes on the dequantized weights."""
+    """PEFT targets Mixtral's fused experts and its router as target_parameters (nested ParamWrapper
+    keys); such an adapter loads onto the NF4 experts and the dense router and computes what PEFT
+    computes on the dequantized weights."""
     from qlora.nn.experts import ExpertLinears4bit
 
     torch.manual_seed(0)
@@ -251,7 +252,7 @@ def test_a_peft_adapter_on_moe_experts_loads_and_computes_as_in_peft(tmp_path):
                 dense.get_submodule(name).weight.copy_(module.weight.dequantize(torch.float32))
     adapted = peft.get_peft_model(dense, peft.LoraConfig(
         r=3, lora_alpha=5, lora_dropout=0.0, target_modules=["q_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B is zero at init: give it values so the adapter changes the output
         for name, p in adapted.named_parameters():

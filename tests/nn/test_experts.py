@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from qlora.nn.experts import ExpertLinears4bit, LoRAExpertLinears, fused_expert_parameters, quantize_experts
+from qlora.nn.experts import (ExpertLinears4bit, LoRAExpertLinears, LoRARouter, fused_expert_parameters, is_router,
+                               quantize_experts)
 from qlora.quant.nf4 import quantize
 
 transformers = pytest.importorskip("transformers")
@@ -161,3 +162,41 @@ def test_expert_lora_refuses_what_peft_cannot_load():
         LoRAExpertLinears(ours.down_proj, r=2, lora_alpha=2, init="pissa")
     with pytest.raises(ValueError, match="fused expert weights are 3-D"):
         quantize_experts(_mixtral_experts(), "down_proj", torch.zeros(4, 4), quantize)
+
+
+def test_router_lora_runs_the_router_on_w_plus_delta_forward_and_gradients():
+    """LoRA on a router (PEFT's target_parameters=['mlp.gate.weight']): the router's own forward
+    (softmax, top-k, renormalization) on W + s·B·A, against autograd on that weight in fp64."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    config = transformers.MixtralConfig(hidden_size=64, num_local_experts=5, num_experts_per_tok=2)
+    router = MixtralTopKRouter(config)
+    torch.nn.init.normal_(router.weight, std=0.2)
+    assert is_router(router) and not is_router(torch.nn.Linear(4, 4))
+    layer = LoRARouter(copy.deepcopy(router), r=3, lora_alpha=6)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(7, 64, requires_grad=True)
+    logits, scores, index = layer(x)
+    grads = torch.autograd.grad(logits.square().sum() + scores.square().sum(), (x, a, b))
+
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, a, b)]
+        ref = copy.deepcopy(router).to(dtype)
+        del ref._parameters["weight"]
+        ref.weight = router.weight.detach().to(dtype) + 2.0 * leaves[2] @ leaves[1]  # s = 6/3
+        out = ref(leaves[0])
+        return (out[0], out[1], out[2]) + torch.autograd.grad(out[0].square().sum() + out[1].square().sum(), leaves)
+
+    torch32, exact = reference(torch.float32), reference(torch.float64)
+    assert torch.equal(index, exact[2])  # the same experts chosen
+    for got, t32, want, name in zip((logits, scores) + grads, torch32[:2] + torch32[3:], exact[:2] + exact[3:],
+                                    ["router logits", "routing weights", "d input", "d A", "d B"]):
+        _assert_as_close_as_torch(got, t32, want, name)
+    with torch.no_grad():
+        layer.merge(["default"])
+        merged = layer(x)[0]
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, router.weight)
+    # merged W + s·B·A against the factored product: fp32 summation order only
+    torch.testing.assert_close(merged, logits.detach(), rtol=0, atol=128 * U_FP32 * logits.abs().max().item())

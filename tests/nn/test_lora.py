@@ -242,3 +242,22 @@ def test_triton_backend_layer_matches_reference(training, monkeypatch):
         dx_ref = dy @ w + layer.scaling["default"] * (dy @ b) @ a
         mag = dy @ w.abs() + layer.scaling["default"] * (dy @ b.abs()) @ a.abs()
         assert ((x.grad.float() - dx_ref).abs() <= 3 * 2.0**-8 * mag).all()
+
+
+def test_merge_and_unmerge_of_a_dense_fp32_base_restore_it_bit_for_bit():
+    """The merge must not add the adapters into a dense fp32 W0 in place (its fp32 view is W0
+    itself), or unmerge would hand back a changed weight."""
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    w0 = dense.weight.detach().clone()
+    layer = LoRALinear(dense, r=2, lora_alpha=4)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        adapted = layer(x)
+        layer.merge(["default"])
+        merged = layer(x)
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
+    # fp32, (W0 + s·B·A)·x against W0·x + s·B·(A·x): dot products of 16 terms, |y| < 10
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
