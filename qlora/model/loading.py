@@ -1,10 +1,12 @@
 """Load Hugging Face checkpoints with NF4 linear layers, reading one tensor at a time.
 
-The model is built with its parameters on the meta device (no memory), then every tensor of the
-checkpoint is read on its own: a linear weight is quantized to NF4 in slices of
-``QUANT_CHUNK_ELEMENTS`` elements and the dense copy dropped before the next tensor is read; any
-other tensor is cast to the compute dtype and put in place. A checkpoint already saved in
-bitsandbytes' 4-bit format (transformers + ``BitsAndBytesConfig``) is taken over as it is.
+The model is built with its parameters on the meta device (no memory); transformers' own key
+mapping and weight conversions say where each checkpoint tensor goes (see :class:`_Plan`); then
+every tensor (or every target a conversion fuses, such as one layer's MoE experts) is read on its
+own: a linear weight is quantized to NF4 in slices of ``QUANT_CHUNK_ELEMENTS`` elements, a fused
+MoE expert weight likewise expert by expert, and the dense copy dropped before the next tensor is
+read; any other tensor is cast to the compute dtype and put in place. A checkpoint already saved
+in bitsandbytes' 4-bit format (transformers + ``BitsAndBytesConfig``) is taken over as it is.
 """
 from __future__ import annotations
 
