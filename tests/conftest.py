@@ -110,3 +110,21 @@ def _free_port() -> int:
 def free_port():
     """A function returning a TCP port nobody listens on now (for a launcher's rendezvous)."""
     return _free_port
+
+
+def _tiny_mixtral_checkpoint(path, vocab_size: int):
+    """A random fp32 Mixtral (two layers, four experts, top 2; widths multiples of 64) saved by
+    transformers at ``path`` (seeded: the same weights every call). Returns ``path``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=4, num_experts_per_tok=2)
+    transformers.MixtralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_mixtral_checkpoint():
+    return _tiny_mixtral_checkpoint

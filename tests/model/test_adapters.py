@@ -230,17 +230,13 @@ def test_loading_a_second_adapter_leaves_the_first_trainable(tmp_path, llama_pat
     assert layer.lora_A["trained"].weight.requires_grad and not layer.lora_A["reference"].weight.requires_grad
 
 
-def test_a_peft_adapter_on_moe_experts_loads_and_computes_as_in_peft(tmp_path):
+def test_a_peft_adapter_on_moe_experts_loads_and_computes_as_in_peft(tmp_path, tiny_mixtral_checkpoint):
     """PEFT targets Mixtral's fused experts and its router as target_parameters (nested ParamWrapper
     keys); such an adapter loads onto the NF4 experts and the dense router and computes what PEFT
     computes on the dequantized weights."""
     from qlora.nn.experts import ExpertLinears4bit
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=80, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    tiny_mixtral_checkpoint(tmp_path / "base", vocab_size=80)
     ours = load_model(tmp_path / "base", compute_dtype=torch.float32)
     dense = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base").eval()
     with torch.no_grad():  # the dense model gets our dequantized weights

@@ -188,15 +188,10 @@ def test_export_merged_adalora_loads_in_transformers(tmp_path, llama_path):
         torch.testing.assert_close(dense(IDS).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_moe_experts_merge_unmerge_and_export(tmp_path):
+def test_moe_experts_merge_unmerge_and_export(tmp_path, tiny_mixtral_checkpoint):
     """LoRA on NF4 MoE experts: merge runs W_e + s·B_e·A_e, unmerge restores the NF4 experts exactly,
     and export_merged writes the fused expert tensors that transformers loads as they are."""
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
-    model = load_model(tmp_path / "base", compute_dtype=torch.float32)
+    model = load_model(tiny_mixtral_checkpoint(tmp_path / "base", vocab_size=96), compute_dtype=torch.float32)
     add_lora(model, r=4, alpha=8)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
