@@ -212,3 +212,28 @@ def test_causal_lm_forward_loss_matches_the_model_loss():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_check_final_logits_refuses_a_logit_transform_it_does_not_know():
+    """qlora train's guard: a model whose forward does something to its logits that
+    final_logit_transform does not know (here a factor 1.5 after Gemma-2's soft cap) is refused,
+    naming the model class; the known transform alone passes, and the model's mode is restored."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from qlora.ops.losses import check_final_logits
+
+    class RescaledGemma2(Gemma2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 1.5
+            return out
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5)
+    ids = torch.arange(16)[None]
+    known = Gemma2ForCausalLM(config).train()
+    check_final_logits(known, ids)
+    assert known.training
+    with pytest.raises(ValueError, match="RescaledGemma2: its logits are not those of its head"):
+        check_final_logits(RescaledGemma2(config), ids)
