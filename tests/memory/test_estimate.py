@@ -321,3 +321,38 @@ def test_fsdp_setup_and_cli(capsys):
     assert data["total_gpu_bytes"] < single.gpu_bytes
     assert _cli(["memory", "estimate", "--model", "llama-2-70b", "--gpus", "2"]) == 0
     assert "per GPU, FSDP2 over 2 GPUs" in capsys.readouterr().out
+
+
+def test_fsdp_rows_of_an_moe_model_are_what_its_sharded_experts_hold():
+    """--gpus 2 on an MoE like config C (all layers sparse; wide enough that every NF4 weight splits
+    into whole double-quant groups) against the real row sharding of every expert's NF4 weight,
+    PEFT-layout expert LoRA ([r·E, in] and [out, r·E]) and the routers; an MoE layer gathered whole
+    holds all its experts, so the gathered units exceed a dense layer's."""
+    from qlora import add_lora
+    from qlora.model.loading import quantize_model
+    from qlora.nn import Linear4bit
+    from qlora.model.fsdp import make_nf4_shardable
+
+    config = dict(CONFIG_C, hidden_size=512, head_dim=128, mlp_only_layers=[])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    quantize_model(model, blocksize=64, double_quant=True)
+    add_lora(model, r=4, alpha=8, target_modules="all-linear")
+    make_nf4_shardable(model, 2)
+    nf4_shard = dense_shard = lora_shard = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, Linear4bit) and name == "weight":
+                nf4_shard += torch.chunk(p, 2, dim=0)[0].nf4.nbytes()
+            elif p.requires_grad:
+                lora_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
+            else:
+                dense_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
+    setup = est.TrainSetup(seq_len=16, rank=4, optimizer="adamw", compute_bytes=4, lora_bytes=4,
+                           device="cpu", gpus=2)
+    e = est.estimate(config, setup)
+    assert e.bytes_of("nf4 base weights") + e.bytes_of("nf4 quant constants") == nf4_shard
+    assert e.bytes_of("16-bit params") == dense_shard
+    assert e.bytes_of("lora params") == lora_shard
+    dense = est.estimate(dict(config, mlp_only_layers=[0, 1, 2]), setup)
+    assert e.bytes_of("gathered layers") > dense.bytes_of("gathered layers")
