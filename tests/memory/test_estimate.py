@@ -268,19 +268,13 @@ def test_cli_json_and_table(capsys, tmp_path):
         _cli(["memory", "estimate", "--model", str(tmp_path / "bad.json")])
 
 
-def test_fsdp_rows_are_what_the_sharded_tiny_model_holds():
-    """--gpus 2 against the real row sharding of qlora.nn.nf4_param on the built-in tiny Llama:
+def _fsdp_shard_bytes(model):
+    """(NF4, frozen dense, LoRA) bytes one of 2 GPUs holds of the quantized, adapted ``model`` (fp32):
     each NF4 weight split as fully_shard splits it (torch.chunk on dim 0), each dense parameter
     and LoRA matrix as FSDP2 pads it (ceil(dim0 / 2) rows)."""
     from qlora.model.fsdp import make_nf4_shardable
-    from qlora.model.inject import add_lora
-    from qlora.model.loading import quantize_model
     from qlora.nn import Linear4bit
-    from qlora.train.model import builtin_model
 
-    model = builtin_model(init_seed=0)
-    quantize_model(model, blocksize=64, double_quant=True)
-    add_lora(model, r=4, alpha=8, target_modules=list(est.ALL_LINEAR))
     make_nf4_shardable(model, 2)
     nf4_shard = dense_shard = lora_shard = 0
     for module in model.modules():
@@ -291,6 +285,20 @@ def test_fsdp_rows_are_what_the_sharded_tiny_model_holds():
                 lora_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
             else:
                 dense_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
+    return nf4_shard, dense_shard, lora_shard
+
+
+def test_fsdp_rows_are_what_the_sharded_tiny_model_holds():
+    """--gpus 2 against the real row sharding of qlora.nn.nf4_param on the built-in tiny Llama
+    (see _fsdp_shard_bytes)."""
+    from qlora.model.inject import add_lora
+    from qlora.model.loading import quantize_model
+    from qlora.train.model import builtin_model
+
+    model = builtin_model(init_seed=0)
+    quantize_model(model, blocksize=64, double_quant=True)
+    add_lora(model, r=4, alpha=8, target_modules=list(est.ALL_LINEAR))
+    nf4_shard, dense_shard, lora_shard = _fsdp_shard_bytes(model)
     config = model.config.to_dict()
     setup = est.TrainSetup(seq_len=16, rank=4, optimizer="adamw", compute_bytes=4, lora_bytes=4,
                            device="cpu", gpus=2)
@@ -330,24 +338,13 @@ def test_fsdp_rows_of_an_moe_model_are_what_its_sharded_experts_hold():
     holds all its experts, so the gathered units exceed a dense layer's."""
     from qlora import add_lora
     from qlora.model.loading import quantize_model
-    from qlora.nn import Linear4bit
-    from qlora.model.fsdp import make_nf4_shardable
 
     config = dict(CONFIG_C, hidden_size=512, head_dim=128, mlp_only_layers=[])
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
     quantize_model(model, blocksize=64, double_quant=True)
     add_lora(model, r=4, alpha=8, target_modules="all-linear")
-    make_nf4_shardable(model, 2)
-    nf4_shard = dense_shard = lora_shard = 0
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, Linear4bit) and name == "weight":
-                nf4_shard += torch.chunk(p, 2, dim=0)[0].nf4.nbytes()
-            elif p.requires_grad:
-                lora_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
-            else:
-                dense_shard += -(-p.shape[0] // 2) * p[0].numel() * 4
+    nf4_shard, dense_shard, lora_shard = _fsdp_shard_bytes(model)
     setup = est.TrainSetup(seq_len=16, rank=4, optimizer="adamw", compute_bytes=4, lora_bytes=4,
                            device="cpu", gpus=2)
     e = est.estimate(config, setup)
