@@ -5,14 +5,14 @@ which is also what PEFT's ``adapter_config.json`` stores under ``rank_pattern``.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Union
 
 from torch import nn
 
 from qlora.adalora.layer import AdaLoRALinear
+from qlora.util.atomic import write_atomic
 
 _SUFFIX = ".lora_E"
 
@@ -60,18 +60,12 @@ def plot_ranks(rank_pattern: dict[str, list[bool]], path: Union[str, Path]) -> P
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    png = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        fig.savefig(png, format="png", dpi=120)
     finally:
         plt.close(fig)
+    write_atomic(path, lambda f: f.write(png.getvalue()))
     return path
 
 

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qlora.util.files import load_safetensors, load_torch
+
 WEIGHTS_FILE = "adalora_weights.safetensors"
 ALLOCATOR_FILE = "adalora_allocator.pt"
 
@@ -60,10 +62,8 @@ class AdaLoRATraining:
     def restore(self, checkpoint_dir: Path) -> None:
         """The unpruned adapter and the allocator of ``checkpoint_dir``, into this run's new
         (same-shaped) adapter, in place (the optimizer keeps its parameters)."""
-        from safetensors.torch import load_file
-
         file = checkpoint_dir / WEIGHTS_FILE
-        weights = load_file(str(file))
+        weights = load_safetensors(file)
         params = self._trainable()
         if weights.keys() != params.keys():
             bad = sorted(weights.keys() ^ params.keys())[0]
@@ -74,8 +74,7 @@ class AdaLoRATraining:
                     raise ValueError(f"{file}: {name} has shape {tuple(weights[name].shape)}, this "
                                      f"run's adapter {tuple(p.shape)}")
                 p.copy_(weights[name])
-        self.allocator.load_state_dict(torch.load(checkpoint_dir / ALLOCATOR_FILE,
-                                                  map_location="cpu", weights_only=True))
+        self.allocator.load_state_dict(load_torch(checkpoint_dir / ALLOCATOR_FILE))
 
     def fix_final_ranks(self) -> dict[str, list[bool]]:
         """The final rank pattern, applied to the model's λ (training is over)."""

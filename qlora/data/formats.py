@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Iterator, Optional
 
+from qlora.util.files import read_text as read_file_text
+
 IGNORE_INDEX = -100
 BUILTIN_DATA_FILE = "tasks.jsonl"
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -161,8 +163,7 @@ def read_text(path: str) -> str:
     if path.endswith(".parquet"):
         raise ValueError(f"{path}: Parquet is not supported (no Parquet reader is a dependency); "
                          f"convert it to JSONL")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return read_file_text(path)  # errors name the file (and the line of a byte not in UTF-8)
 
 
 def read_records(path: str, skip_bad_lines: bool,

@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -13,7 +12,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from qlora.util.atomic import write_atomic
+from qlora.util.atomic import make_temp_dir, write_atomic
 from qlora.model.inject import all_lora_layers
 from qlora.quant.nf4 import quantize
 from qlora.nn.linear4bit import Linear4bit
@@ -272,7 +271,7 @@ def export_merged(model: nn.Module, dir: Union[str, os.PathLike], dtype: torch.d
     config.dtype = dtype
     config_dict = config.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path.parent, f".{path.name}.")
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         exporter = _Exporter(dtype, quantize_merged, None if adapter_names is None else list(adapter_names), writer)

@@ -4,6 +4,7 @@ checked against a model, shared by the LoRA (``qlora.model.adapters``) and AdaLo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from qlora.model.inject import (adaptable_layers, is_parameter_layer, matches_target, peft_parameter_key,
                                 resolve_targets)
+from qlora.util.files import load_safetensors, read_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -23,20 +25,55 @@ def read_config(path: Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter directory)")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(read_text(file))
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: line {err.lineno}: not valid JSON ({err.msg})") from err
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What the loaders read from a config, and what each value must be (null means PEFT's default)
+_VALUE_CHECKS = {
+    "r": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "init_r": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "target_r": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "lora_alpha": ("a finite number", _is_number),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "target_modules": ("a module name or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
+    "exclude_modules": ("a module name or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
+    "modules_to_save": ("a list of module names", _is_names),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "rank_pattern": ("an object", lambda v: isinstance(v, dict)),
+    "alpha_pattern": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
 def check_config(path: Path, config: dict, peft_type: str, required: tuple[str, ...]) -> None:
-    """Refuse a config of another ``peft_type``, without a ``required`` key, or using a PEFT
-    feature this package does not implement; the error names the file and the key."""
+    """Refuse a config that is not a JSON object, of another ``peft_type``, without a
+    ``required`` key, with a value of the wrong type (``"r": "8"``), or using a PEFT feature this
+    package does not implement; the error names the file and the key."""
     file = path / CONFIG_NAME
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != peft_type:
         raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; expected {peft_type!r}")
     for key in required:
         if config.get(key) is None and not (key == "target_modules" and config.get("target_parameters")):
             raise ValueError(f"{file}: missing key {key!r}")
+    for key, (expected, valid) in _VALUE_CHECKS.items():
+        if config.get(key) is not None and not valid(config[key]):
+            raise ValueError(f"{file}: {key} must be {expected}, got {config[key]!r}")
     unsupported = {"bias": "none", "lora_bias": False, "layers_to_transform": None,
                    "use_qalora": False, "trainable_token_indices": None, "layer_replication": None}
     if peft_type != "LORA":
@@ -53,12 +90,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}" + (
             f"; found {', '.join(others)}, but only safetensors files are read (a .bin is a pickle, "
             f"which can run code when loaded)" if others else ""))
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file))
-    except Exception as err:  # safetensors raises its own error types for a corrupt header
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+    return load_safetensors(file)
 
 
 def target_layers(model: nn.Module, path: Path, config: dict) -> list[str]:

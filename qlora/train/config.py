@@ -7,24 +7,29 @@
 Defaults are the QLoRA recipe (Dettmers et al. 2023): NF4 with double quantization, bf16
 compute, LoRA r=16 with α=16 (scaling α/r = 1) and dropout 0.05 on every linear layer, constant
 lr 2e-4 after a 3% warmup, gradient clipping at 0.3, paged AdamW. Every error names the key and
-the value that was wrong: an unknown key also names the closest valid one.
+the value that was wrong: an unknown key also names the closest valid one. Numbers must be
+finite (``.nan`` and ``.inf`` are refused), and a key given twice in one YAML mapping is refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from qlora.util.files import read_text
+
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:tasks"
 
 
-def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, help=""):
+def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, nonempty=False, help=""):
     """A dataclass field with its allowed values, checked by ``_check_value``."""
-    meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, help=help)
+    meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, nonempty=nonempty,
+                help=help)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,8 +37,10 @@ def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, hel
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _spec(BUILTIN_MODEL, help="Hugging Face checkpoint directory, or "
-                              f"{BUILTIN_MODEL!r}: the shipped tiny Llama with seeded random weights")
+    name_or_path: str = _spec(BUILTIN_MODEL, nonempty=True, help="Hugging Face checkpoint directory, "
+                              f"or {BUILTIN_MODEL!r}: the shipped tiny Llama with seeded random weights")
+    trust_remote_code: bool = _spec(False, help="run the Python code a model directory ships "
+                                    "(config.json auto_map); never done otherwise")
     init_seed: int = _spec(0, min=0, help="seed of the built-in model's weights")
     gradient_checkpointing: bool = _spec(False, help="recompute each decoder layer in backward")
     offload_activations: bool = _spec(False, help="with checkpointing: keep layer inputs in "
@@ -77,7 +84,7 @@ class QuantConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _spec(BUILTIN_DATA, help=f"JSON/JSONL file, or {BUILTIN_DATA!r} (shipped)")
+    path: str = _spec(BUILTIN_DATA, nonempty=True, help=f"JSON/JSONL file, or {BUILTIN_DATA!r} (shipped)")
     format: str = _spec("alpaca", choices=["alpaca", "chat", "completion"])
     eval_path: Optional[str] = _spec(None, help="held-out file; None: split eval_fraction off path")
     eval_fraction: float = _spec(0.05, min=0.0, max=0.5)
@@ -90,7 +97,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _spec("runs/qlora")
+    output_dir: str = _spec("runs/qlora", nonempty=True, help="the run's directory; one run at a time")
     max_steps: int = _spec(1000, min=1, help="optimizer steps")
     micro_batch_size: int = _spec(4, min=1, help="sequences per forward pass (per process)")
     gradient_accumulation_steps: int = _spec(4, min=1)
@@ -203,6 +210,10 @@ def _coerce(key: str, value: Any, hint) -> Any:
 def _check_value(key: str, value: Any, meta) -> None:
     if value is None or isinstance(value, (bool, list)):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}: must be a finite number, got {value!r}")
+    if meta.get("nonempty") and not value.strip():
+        raise ValueError(f"{key}: must not be empty")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
     low, high = meta.get("min"), meta.get("max")
@@ -254,17 +265,40 @@ def apply_override(cfg: Config, assignment: str) -> Config:
                          f"optim.lr=1e-4{hint}")
     section, _, key = name.strip().partition(".")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else ""
     except yaml.YAMLError as err:
         raise ValueError(f"--set {assignment!r}: value is not valid YAML ({err})") from None
     _apply(cfg, section, key, value, "--set")
     return cfg
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (the safe loader keeps
+    the last value silently, so a config could say one thing and train another)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise DuplicateKeyError(None, None, f"duplicate key {key!r} (first on line "
+                                        f"{first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = yaml.load(read_text(path), Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = err.problem if isinstance(err, DuplicateKeyError) else f"not valid YAML ({err.problem})"
+        raise ValueError(f"{path}: {where}{what}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from None
     return {} if data is None else data

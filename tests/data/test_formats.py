@@ -93,6 +93,19 @@ def test_malformed_line_names_file_and_line(tmp_path, line, fmt, why):
     assert len(stats.bad_lines) == 1 and stats.bad_lines[0].startswith(f"{path}:4: ")
 
 
+def test_data_that_is_not_utf8_or_not_a_file_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    offset = path.read_bytes().index(b"\xe9")
+    with pytest.raises(ValueError) as err:
+        _load(str(path), "alpaca")
+    assert str(err.value) == (f"{path}: line 2: not UTF-8 text (byte 0xe9 at offset {offset}); "
+                              f"save the file as UTF-8")
+    with pytest.raises(ValueError) as err:
+        _load(str(tmp_path), "alpaca")
+    assert str(err.value) == f"{tmp_path}: is a directory, expected a file"
+
+
 def test_builtin_dataset_loads_and_is_what_make_tasks_writes():
     from importlib import resources
 

@@ -207,6 +207,34 @@ def test_only_safetensors_and_valid_configs_are_read(tmp_path, llama_path):
         load_adapter(model, tmp_path)
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("r", "8", "r must be a positive integer, got '8'"),
+    ("r", 0, "r must be a positive integer, got 0"),
+    ("r", True, "r must be a positive integer, got True"),
+    ("target_modules", 5, "target_modules must be a module name or a list of names, got 5"),
+    ("target_modules", ["q_proj", 5], "target_modules must be a module name or a list of names"),
+    ("lora_alpha", "16", "lora_alpha must be a finite number, got '16'"),
+    ("lora_dropout", 1.5, r"lora_dropout must be a number in \[0, 1\), got 1.5"),
+    ("use_rslora", "yes", "use_rslora must be true or false, got 'yes'"),
+    ("modules_to_save", "lm_head", "modules_to_save must be a list of module names"),
+])
+def test_adapter_config_values_of_the_wrong_type_are_named(tmp_path, llama_path, key, value, expected):
+    path = _saved(tmp_path, llama_path, r=2, target_modules=["q_proj"])
+    config = json.loads((path / "adapter_config.json").read_text())
+    config[key] = value
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {expected}"):
+        load_adapter(load_model(llama_path, compute_dtype=torch.float32), path)
+
+
+def test_adapter_config_that_is_not_utf8_is_named(tmp_path, llama_path):
+    path = _saved(tmp_path, llama_path, r=2, target_modules=["q_proj"])
+    text = (path / "adapter_config.json").read_bytes()
+    (path / "adapter_config.json").write_bytes(text.replace(b'"LORA"', b'"LORA\xe9"'))
+    with pytest.raises(ValueError, match=r"adapter_config.json: line \d+: not UTF-8 text \(byte 0xe9"):
+        load_adapter(load_model(llama_path, compute_dtype=torch.float32), path)
+
+
 def test_modules_to_save_on_an_nf4_layer_round_trips(tmp_path, llama_path):
     ours = load_model(llama_path, compute_dtype=torch.float32)
     add_lora(ours, r=2, target_modules=["q_proj"], modules_to_save=["mlp.down_proj"])

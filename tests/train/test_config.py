@@ -42,6 +42,15 @@ def test_yaml_then_overrides(tmp_path):
     ("optim:\n  schedule: step\n", "optim.schedule: 'step' is not one of constant, linear, cosine"),
     ("data:\n  packing: yes please\n", "data.packing: expected bool, got 'yes please'"),
     ("lora: 8\n", "'lora' must be a section holding key: value pairs, got 8"),
+    ("optim:\n  lr: .nan\n", "optim.lr: must be a finite number, got nan"),
+    ("optim:\n  weight_decay: .inf\n", "optim.weight_decay: must be a finite number, got inf"),
+    ("train:\n  max_grad_norm: .nan\n", "train.max_grad_norm: must be a finite number, got nan"),
+    ("train:\n  output_dir: ''\n", "train.output_dir: must not be empty"),
+    ("data:\n  path: ' '\n", "data.path: must not be empty"),
+    ("train:\n  max_steps: 3\n  max_steps: 5\n",
+     "line 3, column 3: duplicate key 'max_steps' (first on line 2)"),
+    ("train:\n  max_steps: 3\ntrain:\n  seed: 1\n",
+     "line 3, column 1: duplicate key 'train' (first on line 1)"),
 ])
 def test_bad_yaml_names_file_key_and_value(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -49,6 +58,20 @@ def test_bad_yaml_names_file_key_and_value(tmp_path, text, message):
     with pytest.raises(ValueError) as err:
         load_config(str(path))
     assert str(err.value) == f"{path}: {message}"
+
+
+def test_config_that_is_not_utf8_or_not_a_file_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  max_steps: 3\n  # café\n".encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        load_config(str(path))
+    assert str(err.value) == (f"{path}: line 3: not UTF-8 text (byte 0xe9 at offset 29); save the "
+                              f"file as UTF-8")
+    with pytest.raises(ValueError) as err:
+        load_config(str(tmp_path))
+    assert str(err.value) == f"{tmp_path}: is a directory, expected a file"
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'nope.yaml'}: no such file$"):
+        load_config(str(tmp_path / "nope.yaml"))
 
 
 def test_bad_override_names_key_and_value():
@@ -59,6 +82,11 @@ def test_bad_override_names_key_and_value():
         apply_override(Config(), "optim.lr=fast")
     with pytest.raises(ValueError, match="expected section.key=value"):
         apply_override(Config(), "lr")
+    for assignment in ("optim.lr=.nan", "optim.lr=.inf", "optim.lr=-.inf"):
+        with pytest.raises(ValueError, match=r"^--set: optim.lr: must be a finite number"):
+            apply_override(Config(), assignment)
+    with pytest.raises(ValueError, match=r"^--set: train.output_dir: must not be empty$"):
+        apply_override(Config(), "train.output_dir=")
 
 
 def test_cli_print_config_and_error(capsys):
