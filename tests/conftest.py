@@ -128,3 +128,70 @@ def _tiny_mixtral_checkpoint(path, vocab_size: int):
 @pytest.fixture
 def tiny_mixtral_checkpoint():
     return _tiny_mixtral_checkpoint
+
+
+# A model directory with its own Python code (config.json auto_map), for the trust_remote_code tests
+REMOTE_CONFIGURATION = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the model directory's code ran")
+from transformers import LlamaConfig
+
+
+class XConfig(LlamaConfig):
+    model_type = "x_llama"
+"""
+REMOTE_MODELING = """
+from transformers import LlamaForCausalLM
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+"""
+
+
+def _remote_code_checkpoint(path, marker, model_type="x_llama", vocab_size=64):
+    """A tiny Llama saved as Hugging Face does, whose config.json names classes in Python files
+    shipped beside it (``auto_map``); importing them writes ``marker``."""
+    import json
+
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    (path / "configuration_x.py").write_text(REMOTE_CONFIGURATION.format(marker=str(marker)))
+    (path / "modeling_x.py").write_text(REMOTE_MODELING)
+    data = json.loads((path / "config.json").read_text())
+    data.update(model_type=model_type, architectures=["XForCausalLM"],
+                auto_map={"AutoConfig": "configuration_x.XConfig",
+                          "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (path / "config.json").write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def remote_code_checkpoint():
+    return _remote_code_checkpoint
+
+
+@pytest.fixture
+def no_prompt(monkeypatch):
+    """transformers asks "Do you wish to run the custom code? [y/N]" through input(); answer
+    yes, as a pipe would, and record that it was asked."""
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    return asked
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies trusted code into HF_MODULES_CACHE and imports it from there."""
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return tmp_path / "modules"

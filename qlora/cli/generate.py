@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-quant", action="store_true",
                         help="keep the base weights dense instead of NF4 (use the setting of training)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code the model directory ships (config.json auto_map), "
+                             "as model.trust_remote_code: true does in training; never done otherwise")
     parser.set_defaults(func=run_generate)
 
 
@@ -33,6 +36,7 @@ def run_generate(args) -> int:
     cfg = Config()
     cfg.model.name_or_path = args.model
     cfg.quant.enabled = not args.no_quant
+    cfg.model.trust_remote_code = args.trust_remote_code
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = base_model(cfg, device)
     if args.adapter is not None:
@@ -40,7 +44,7 @@ def run_generate(args) -> int:
 
         load_adapter(model, args.adapter)
         model.to(device)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     fmt = "chat" if args.chat else "completion" if args.raw else "alpaca"
     print(generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, fmt), args.max_new_tokens))
     return 0

@@ -23,6 +23,7 @@ from torch import nn
 from qlora.quant.nf4 import NF4Tensor, quantize
 from qlora.nn.experts import fused_expert_parameters, quantize_experts
 from qlora.nn.linear4bit import Linear4bit
+from qlora.model.hf_config import check_remote_code, read_config_json
 
 # Elements of a weight quantized at once: the fp32 copy and the int64 codes of a slice cost about
 # 24 bytes per element, 6 MiB here, independent of the layer's size.
@@ -140,33 +141,18 @@ class _Checkpoint:
         return self.handles[self.file_of[key]].get_tensor(key)
 
 
-def check_causal_lm(path: Union[str, os.PathLike]) -> None:
-    """Refuse, from its ``config.json`` alone (before any weight is read), a checkpoint that is not
-    a causal language model — one whose architecture transformers' ``AutoModelForCausalLM`` does not
-    build — naming the architecture it is."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    config = AutoConfig.from_pretrained(str(path))
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    named = getattr(config, "architectures", None) or []
-    other = [n for n in named if n not in causal]
-    if other or (not named and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        what = f"the architecture {other[0]}" if other else f"model_type {config.model_type!r} with no causal LM class"
-        raise ValueError(f"{path}: config.json names {what}, which is not a causal language model; qlora "
-                         f"fine-tunes the models AutoModelForCausalLM builds (e.g. LlamaForCausalLM, "
-                         f"MixtralForCausalLM, GPT2LMHeadModel)")
-
-
-def _build(config) -> nn.Module:
-    """The class config.json's ``architectures`` names, else the bare ``AutoModel`` of its type."""
+def _build(config, trust_remote_code: bool) -> nn.Module:
+    """The class config.json's ``architectures`` names, else the bare ``AutoModel`` of its type;
+    with ``trust_remote_code``, the checkpoint's own causal-LM class where ``auto_map`` has one."""
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls(config)
-    return transformers.AutoModel.from_config(config)
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    return transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _prequantized_weights(ckpt: _Checkpoint) -> set[str]:
@@ -242,7 +228,7 @@ def expert_parameter_names(model: nn.Module, skip_modules: Iterable[str] = ()) -
 @torch.no_grad()
 def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = torch.bfloat16,
                device: Union[str, torch.device, None] = None, blocksize: int = 64, double_quant: bool = True,
-               skip_modules: Iterable[str] = ("lm_head",)):
+               skip_modules: Iterable[str] = ("lm_head",), trust_remote_code: bool = False):
     """A transformers model from the local checkpoint ``path`` with its linear layers in NF4.
 
     Reads ``config.json`` and the safetensors weights (one file, or shards with
@@ -252,7 +238,9 @@ def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = to
     :class:`~qlora.nn.Linear4bit`, and every fused MoE expert weight an
     :class:`~qlora.nn.experts.ExpertLinears4bit` (NF4 per expert); everything else is cast to
     ``compute_dtype``. Weights already in bitsandbytes' 4-bit format are kept as they are. The
-    model is in eval mode with no gradients.
+    model is in eval mode with no gradients. Python code shipped in ``path`` (``auto_map``) is
+    run only with ``trust_remote_code=True`` (see :mod:`qlora.model.hf_config`); transformers is
+    never left to ask.
 
     Memory bound: the model is built on the meta device and materialized one checkpoint tensor at a
     time, so peak host memory (and device memory, on ``device``) is the loaded model — NF4 weights
@@ -268,16 +256,15 @@ def load_model(path: Union[str, os.PathLike], *, compute_dtype: torch.dtype = to
     from transformers import AutoConfig
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face checkpoint directory)")
+    check_remote_code(path, read_config_json(path), trust_remote_code)
     device = torch.device(device if device is not None else "cpu")
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     ckpt = _Checkpoint(path)
     prequantized = _prequantized_weights(ckpt)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the layers are ours; transformers must not quantize again
     with init_empty_weights(include_buffers=False):
-        model = _build(config)
+        model = _build(config, trust_remote_code)
     model.config._name_or_path = str(path)
     to_quantize = {f"{n}.weight" for n in linear_module_names(model, skip_modules)}
     experts = expert_parameter_names(model, skip_modules)

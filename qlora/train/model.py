@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import torch
 
 from qlora.data.tokenizer import ByteTokenizer, HFTokenizer
+from qlora.model.hf_config import TRUST_HOW, check_causal_lm, check_remote_code, read_config_json
 from qlora.train.config import BUILTIN_MODEL, Config
 
 BUILTIN_CONFIG_FILE = "tiny-llama-bytes.json"
@@ -20,12 +22,21 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return _DTYPES[cfg.quant.compute_dtype] if device.type == "cuda" else torch.float32
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The built-in byte tokenizer, or the checkpoint's (its shipped code only if trusted)."""
     if name_or_path == BUILTIN_MODEL:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return HFTokenizer(AutoTokenizer.from_pretrained(name_or_path))
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(name_or_path,
+                                                         trust_remote_code=trust_remote_code))
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"{name_or_path}: the tokenizer is implemented by Python code shipped "
+                         f"in that directory; qlora never runs such code unless asked: {TRUST_HOW} "
+                         f"if you trust it") from None
 
 
 def builtin_model(init_seed: int, dtype: torch.dtype = torch.float32):
@@ -45,15 +56,21 @@ def builtin_model(init_seed: int, dtype: torch.dtype = torch.float32):
 
 def base_model(cfg: Config, device: torch.device):
     """The frozen base model on ``device``: NF4 linear layers when ``quant.enabled``. A checkpoint
-    that is not a causal LM is refused before it is read, and one whose logits are not what the
-    loss computes (a final-logit transform qlora does not know) right after."""
-    from qlora.model.loading import check_causal_lm, load_model, quantize_model
+    directory must hold a causal LM (checked from its config.json before anything is read), its
+    shipped code runs only with ``model.trust_remote_code`` (qlora.model.hf_config), and one whose
+    logits are not what the loss computes (a final-logit transform qlora does not know) is refused
+    right after loading."""
+    from qlora.model.loading import load_model, quantize_model
     from qlora.ops.losses import check_final_logits
 
     dtype = compute_dtype(cfg, device)
     q = cfg.quant
+    trust = cfg.model.trust_remote_code
     if cfg.model.name_or_path != BUILTIN_MODEL:
-        check_causal_lm(cfg.model.name_or_path)
+        path = Path(cfg.model.name_or_path)
+        config = read_config_json(path)
+        check_remote_code(path, config, trust)
+        check_causal_lm(path, config)
     if cfg.model.name_or_path == BUILTIN_MODEL:
         model = builtin_model(cfg.model.init_seed, dtype)
         if q.enabled:
@@ -61,11 +78,13 @@ def base_model(cfg: Config, device: torch.device):
         model.to(device)
     elif q.enabled:
         model = load_model(cfg.model.name_or_path, compute_dtype=dtype, device=device,
-                           blocksize=q.blocksize, double_quant=q.double_quant)
+                           blocksize=q.blocksize, double_quant=q.double_quant,
+                           trust_remote_code=trust)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype,
+                                                     trust_remote_code=trust).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     check_final_logits(model, torch.arange(min(16, model.config.get_text_config().vocab_size), device=device)[None])
@@ -109,4 +128,4 @@ def build_model(cfg: Config, device: torch.device, adapter_dir=None):
             torch.manual_seed(cfg.train.seed)
             add_adapters(model, cfg)
     model.to(device)
-    return model, load_tokenizer(cfg.model.name_or_path)
+    return model, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
