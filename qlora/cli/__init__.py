@@ -24,6 +24,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, OSError) as err:  # OSError names its file: a full disk, a lost mount
         print(f"qlora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """`qlora memory estimate` and `qlora memory profile`."""
 import argparse
 import json
+import math
 
 from qlora.memory import estimate as est
 from qlora.memory import report
@@ -40,6 +41,8 @@ def register(subparsers) -> None:
 
 
 def run_estimate(args) -> int:
+    if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
+        raise ValueError(f"--gpu-gb must be a positive number of GB, got {args.gpu_gb:g}")
     config, source = est.load_config(args.model)
     setup = est.TrainSetup(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                            targets=est.parse_targets(args.targets), gpus=args.gpus,

@@ -1,6 +1,8 @@
-"""`qlora train [CONFIG.yaml] [--set key=value ...] [--print-config] [--resume [DIR]]`."""
+"""`qlora train [CONFIG.yaml] [--set key=value ...] [--print-config] [--resume [DIR]]
+[--overwrite] [--allow-changed-data]`."""
 from __future__ import annotations
 
+import sys
 from importlib import resources
 
 DEFAULT_CONFIG = "default.yaml"
@@ -21,7 +23,17 @@ def register(subparsers) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
-                        help="continue from the latest checkpoint under train.output_dir, or DIR")
+                        help="continue from the latest checkpoint under train.output_dir, or DIR "
+                             "(a larger train.max_steps continues a finished run; checkpoints "
+                             "newer than DIR in train.output_dir are removed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in train.output_dir: its config, metrics, "
+                             "adapter, checkpoints and plots are removed first (without this, a "
+                             "new run refuses a directory that holds one)")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="with --resume: continue even though a data file differs from the "
+                             "one the checkpoint was trained on (size or SHA-256); without this "
+                             "such a resume is refused, naming the file")
     parser.set_defaults(func=run_train)
 
 
@@ -38,10 +50,18 @@ def resolve_config(config_path, overrides):
 
 def run_train(args) -> int:
     from qlora.train import dump_config, train
+    from qlora.train.guard import TrainingStopped
 
     cfg = resolve_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    train(cfg, resume=args.resume)
+    if args.allow_changed_data and args.resume is None:
+        raise ValueError("--allow-changed-data only applies with --resume")
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite,
+              allow_changed_data=args.allow_changed_data)
+    except TrainingStopped as err:
+        print(f"qlora train: stopped: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -7,15 +7,21 @@ A checkpoint is the directory ``<output_dir>/checkpoints/step-<N>/`` holding
                            under FSDP the whole (gathered) one, keyed by parameter name
     scheduler.pt           lr scheduler state dict
     rng-rank<R>.pt         python, numpy, torch and CUDA RNG states of each process
-    trainer_state.json     step, data position, tokens seen, non-finite steps in a row
+    trainer_state.json     step, data position, tokens seen, non-finite steps in a row, lines
+                           of metrics.jsonl written before it
     config.yaml            the run's resolved config
+    data_files.json        size, mtime and SHA-256 of each data file (qlora.train.fingerprint)
     adalora_*              with lora.type adalora: the unpruned adapter and the rank allocator
                            (see qlora.adalora.training)
 
 It is written into a hidden temporary directory next to it, every file fsynced, then renamed
 into place, so a crash leaves either the whole checkpoint or none of it. Only ``step-<N>``
 directories count as checkpoints; a leftover temporary directory is ignored (and removed by
-the next save).
+the next save). Publishing step N removes the checkpoints before N beyond the newest
+``checkpoint.keep``; it never looks at later ones (see qlora.train.run_dir for how a resumed run
+treats those).
+
+Reading a checkpoint back, every damaged or refused file is named (qlora.util.files).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -32,13 +38,17 @@ import numpy as np
 import torch
 
 from qlora.train.config import Config, config_to_dict, dump_config, read_yaml
+from qlora.util.atomic import fsync_dir
+from qlora.util.files import load_torch, read_text
 
 CHECKPOINT_DIR = "checkpoints"
+DATA_FILES = "data_files.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 # Keys that may differ between a checkpoint and the run resuming it: they change where and how
-# often things are written, never the numbers trained.
-RESUMABLE_CHANGES = {"train.output_dir", "train.eval_every", "train.max_bad_steps",
+# often things are written, never the numbers trained up to the checkpoint; and max_steps, so
+# that a finished run can be continued (the lr schedule then follows the new max_steps).
+RESUMABLE_CHANGES = {"train.output_dir", "train.max_steps", "train.eval_every", "train.max_bad_steps",
                      "checkpoint.every", "checkpoint.keep", "logging.progress_bar",
                      "logging.every", "logging.loss_plot", "logging.sample_prompt",
                      "logging.sample_max_new_tokens", "logging.exact_match_examples"}
@@ -51,10 +61,19 @@ class TrainerState:
     tokens_seen: int = 0         # input tokens of all processes
     bad_steps_in_a_row: int = 0
     world_size: int = 1
+    metrics_lines: int = 0       # lines of metrics.jsonl written before the checkpoint
 
 
 def checkpoints_root(output_dir: str) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_step(path: Path) -> int:
+    """N of a checkpoint directory ``step-<N>``."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint directory (expected step-<N>)")
+    return int(match.group(1))
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
@@ -77,19 +96,11 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: Path) -> None:
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def rng_state() -> dict:
@@ -128,34 +139,61 @@ def write_rng(tmp: Path, rank: int) -> None:
 
 
 def write_checkpoint_files(tmp: Path, *, cfg: Config, state: TrainerState, optimizer_state: dict, scheduler,
-                           save_adapter_fn) -> None:
+                           save_adapter_fn, data_files: dict) -> None:
     """Everything but the RNG files (each process writes its own with ``write_rng``)."""
     save_adapter_fn(tmp / "adapter")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     (tmp / "config.yaml").write_text(dump_config(cfg))
+    (tmp / DATA_FILES).write_text(json.dumps(data_files, indent=1) + "\n")
 
 
 def publish(tmp: Path, step: int, keep: int) -> Path:
-    """fsync ``tmp``, rename it to ``step-<step>``, then drop all but the newest ``keep``."""
+    """fsync ``tmp``, rename it to ``step-<step>``, then drop the checkpoints before it beyond
+    the newest ``keep`` (this one included)."""
     fsync_tree(tmp)
     final = tmp.parent / f"step-{step}"
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
     os.replace(tmp, final)
-    _fsync_dir(tmp.parent)
-    for old in list_checkpoints(str(tmp.parent.parent))[:-keep]:
+    fsync_dir(tmp.parent)
+    older = [p for p in list_checkpoints(str(tmp.parent.parent)) if checkpoint_step(p) < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old)
     return final
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in checkpoint file ``path``; a missing, empty or damaged file is named."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg}); the checkpoint "
+                         f"is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_trainer_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    file = path / "trainer_state.json"
+    values = read_json(file)
+    known = {f.name for f in fields(TrainerState)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{file}: unknown key {unknown[0]!r}; the checkpoint is damaged or "
+                         f"from another program")
+    state = TrainerState(**values)
+    for name in known:
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{file}: {name} must be an integer >= 0, got {value!r}")
+    return state
 
 
 def read_torch(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch(path)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -171,14 +209,24 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
-    """Refuse to resume from ``path`` if it was trained with a different config or world size."""
+    """Refuse to resume from ``path`` if it was trained with a different config or world size,
+    or is already past ``train.max_steps``."""
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
-    diffs = config_differences(read_yaml(str(path / "config.yaml")), config_to_dict(cfg))
-    saved_world = read_trainer_state(path).world_size
-    if saved_world != world_size:
-        diffs.append(f"number of processes: {saved_world} in the checkpoint, {world_size} in this run")
+    saved = read_yaml(str(path / "config.yaml"))
+    diffs = config_differences(saved, config_to_dict(cfg))
+    state = read_trainer_state(path)
+    if state.world_size != world_size:
+        diffs.append(f"number of processes: {state.world_size} in the checkpoint, {world_size} in "
+                     f"this run")
+    saved_steps = saved.get("train", {}).get("max_steps")
+    if cfg.lora.type == "adalora" and saved_steps != cfg.train.max_steps:
+        diffs.append(f"train.max_steps: {saved_steps!r} in the checkpoint, {cfg.train.max_steps!r} "
+                     f"in this run (AdaLoRA's rank schedule is fixed by it)")
     if diffs:
         raise ValueError(f"cannot resume from {path}: it was written by an incompatible run: "
                          + "; ".join(diffs))
+    if state.step > cfg.train.max_steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {state.step}, past "
+                         f"train.max_steps={cfg.train.max_steps}")
 

@@ -8,7 +8,8 @@ Defaults are the QLoRA recipe (Dettmers et al. 2023): NF4 with double quantizati
 compute, LoRA r=16 with α=16 (scaling α/r = 1) and dropout 0.05 on every linear layer, constant
 lr 2e-4 after a 3% warmup, gradient clipping at 0.3, paged AdamW. Every error names the key and
 the value that was wrong: an unknown key also names the closest valid one. Numbers must be
-finite (``.nan`` and ``.inf`` are refused), and a key given twice in one YAML mapping is refused.
+finite in float32 (``.nan``, ``.inf`` and 1e39 are refused), and a key given twice in one YAML
+mapping is refused.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import yaml
 
 from qlora.util.files import read_text
 
+FLOAT32_MAX = 3.4028234663852886e38  # a larger lr or decay overflows the optimizer's float32 math
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:tasks"
 
@@ -210,8 +212,9 @@ def _coerce(key: str, value: Any, hint) -> Any:
 def _check_value(key: str, value: Any, meta) -> None:
     if value is None or isinstance(value, (bool, list)):
         return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{key}: must be a finite number, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"{key}: must be a finite number (float32's range, up to "
+                         f"{FLOAT32_MAX:.2g}), got {value!r}")
     if meta.get("nonempty") and not value.strip():
         raise ValueError(f"{key}: must not be empty")
     if meta.get("choices") is not None and value not in meta["choices"]:

@@ -1,5 +1,6 @@
 """The training loop (accelerate): exact token-normalized gradient accumulation, clipping, the
-non-finite-step guard, evaluation, sample answers, metrics and checkpoints.
+non-finite guards (qlora.train.guard), evaluation, sample answers, metrics and checkpoints, in a
+run directory that belongs to this run alone (qlora.train.run_dir).
 
 Loss normalization: an optimizer step covers ``gradient_accumulation_steps`` micro-batches on
 each of ``world_size`` processes. The trained tokens of all of them, N, are counted first, and
@@ -34,14 +35,14 @@ from qlora.train import fsdp
 from qlora.adalora.training import AdaLoRATraining
 from qlora.train.config import Config, config_to_dict, dump_config
 from qlora.train.dataset import build_data, prompt_and_answer
+from qlora.train.fingerprint import check_same_data, fingerprint
+from qlora.train.guard import NonFiniteLossError, NonFiniteUpdateError, TrainingStopped, all_finite, \
+    non_finite_update_message
 from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, plot_loss, \
     tensorboard_values
 from qlora.train.model import build_model
 from qlora.train.optimizer import build_optimizer, build_scheduler
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+from qlora.train.run_dir import decided_on_main, lock_run_dir, take_over
 
 
 def _output_head(model) -> nn.Module:
@@ -178,12 +179,12 @@ def _publish_adapter(save_fn, target: Path) -> None:
     """Write the final adapter to ``target`` with ``save_fn(dir)`` without ever leaving it
     half-written."""
     tmp = target.with_name(f".tmp-{target.name}")
+    old = target.with_name(f".old-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed in the middle of this
     save_fn(tmp)
     ckpt.fsync_tree(tmp)
     if target.exists():
-        old = target.with_name(f".old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old)
@@ -217,7 +218,25 @@ def _trackers(cfg: Config) -> Optional[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None):
+    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None, *,
+                 overwrite: bool = False, allow_changed_data: bool = False):
+        """``resume``: None, ``"latest"`` or a checkpoint directory; ``overwrite``: replace a
+        previous run's outputs in ``train.output_dir``; ``allow_changed_data``: resume even if
+        the data files differ from the checkpoint's (qlora.train.fingerprint)."""
+        self.run_lock = None
+        try:
+            self._setup(cfg, resume, out, overwrite, allow_changed_data)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release ``train.output_dir`` for other runs."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _setup(self, cfg: Config, resume: Optional[str], out, overwrite: bool,
+               allow_changed_data: bool) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -229,7 +248,9 @@ class Trainer:
                                log_with=_trackers(cfg), project_dir=str(self.output_dir))
         self.world = self.acc.num_processes
         set_seed(cfg.train.seed)
-        self.resumed_from = self._find_checkpoint(resume) if resume else None
+        self.data_files, self.metrics = {}, None
+        self.resumed_from = decided_on_main(
+            self.acc, lambda: self._claim_output_dir(resume, overwrite, allow_changed_data))
         # an AdaLoRA run resumes from its unpruned weights (see qlora.adalora.training), not the
         # PEFT adapter
         adapter_dir = None if self.resumed_from is None or cfg.lora.type == "adalora" \
@@ -251,6 +272,7 @@ class Trainer:
         self.state = ckpt.TrainerState(world_size=self.world)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
+        self.saved_step = self.state.step if self.resumed_from is not None else None
         self.stream = BatchStream([len(r) for r in self.data.train],
                                   cfg.train.micro_batch_size * self.world, cfg.train.seed,
                                   cfg.data.group_by_length and not cfg.data.packing,
@@ -294,7 +316,20 @@ class Trainer:
 
             tqdm.write(text, file=self.out)
 
-    # ---- resume --------------------------------------------------------------------------
+    # ---- the run directory and resume ----------------------------------------------------
+    def _claim_output_dir(self, resume: Optional[str], overwrite: bool,
+                          allow_changed_data: bool) -> Optional[Path]:
+        """On the main process: lock ``train.output_dir``, find the checkpoint to resume and
+        check it (config, data files), and make the directory this run's. Returns the
+        checkpoint or None."""
+        self.run_lock = lock_run_dir(self.output_dir)
+        path = self._find_checkpoint(resume) if resume else None
+        self.data_files = fingerprint(self.cfg)
+        if path is not None:
+            check_same_data(path, self.data_files, allow_changed_data, self.log)
+        take_over(self.output_dir, path, overwrite, self.log)
+        return path
+
     def _find_checkpoint(self, resume: str) -> Path:
         if resume == "latest":
             path = ckpt.latest_checkpoint(str(self.output_dir))
@@ -332,8 +367,10 @@ class Trainer:
     def save_checkpoint(self) -> None:
         step = self.state.step
         root = ckpt.checkpoints_root(str(self.output_dir))
-        if (root / f"step-{step}").exists():
-            return  # the checkpoint this run resumed from: never rewritten
+        if step == self.saved_step:
+            return  # written already, or the checkpoint this run resumed from: never rewritten
+        if self.metrics is not None:
+            self.state.metrics_lines = self.metrics.lines
         if self.acc.is_main_process:
             tmp = ckpt.new_temp_dir(str(self.output_dir), step)
         self.acc.wait_for_everyone()
@@ -345,10 +382,12 @@ class Trainer:
             if self.acc.is_main_process:
                 ckpt.write_checkpoint_files(tmp, cfg=self.cfg, state=self.state,
                                             optimizer_state=optimizer_state, scheduler=self.scheduler,
-                                            save_adapter_fn=self.save_adapter)
+                                            save_adapter_fn=self.save_adapter,
+                                            data_files=self.data_files)
                 if self.adalora is not None:
                     self.adalora.write_state(tmp)
                 ckpt.publish(tmp, step, self.cfg.checkpoint.keep)
+            self.saved_step = step
             self.acc.wait_for_everyone()
 
     # ---- one optimizer step --------------------------------------------------------------
@@ -397,6 +436,10 @@ class Trainer:
             self.scheduler.step()
             if self.adalora is not None:
                 self.adalora.after_step(self.state.step)
+            if not all_finite(self.params):
+                latest = ckpt.latest_checkpoint(str(self.output_dir))
+                raise NonFiniteUpdateError(non_finite_update_message(
+                    self.state.step + 1, loss_value, grad_norm, lr, latest and str(latest)))
             self.state.bad_steps_in_a_row = 0
         else:
             self.state.bad_steps_in_a_row += 1
@@ -422,8 +465,9 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
-        metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.step) \
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.metrics_lines) \
             if acc.is_main_process else None
+        self.metrics = metrics
         if cfg.logging.tensorboard:
             # a resumed run hides what the interrupted one logged after its checkpoint, as the
             # JSONL drops those lines
@@ -435,6 +479,7 @@ class Trainer:
         finally:
             for tracker in acc.trackers:
                 tracker.finish()
+            self.close()
 
     def _run(self, metrics: Optional[MetricsLog]) -> TrainResult:
         from tqdm import tqdm
@@ -458,7 +503,11 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr)
         tick, tick_tokens = time.perf_counter(), self.state.tokens_seen
         while self.state.step < cfg.train.max_steps:
-            record = self.train_step()
+            try:
+                record = self.train_step()
+            except TrainingStopped:
+                bar.close()
+                raise
             if record["skipped"]:
                 self.log(f"step {record['step']}: non-finite loss {record['loss']} or gradient norm "
                          f"{record['grad_norm']}; step skipped "
@@ -489,10 +538,12 @@ class Trainer:
         result.steps = self.state.step
         if self.adalora is not None:
             self.adalora.fix_final_ranks()  # evaluated and sampled with the final ranks
+        # before the final evaluation: a run resumed from this checkpoint (killed while
+        # publishing, or continued to more steps) logs that evaluation again, and only once
+        self.save_checkpoint()
         if self.data.eval:
             result.eval_loss, result.exact_match_after = self._eval(metrics, self.state.step,
                                                                     sample=False)
-        self.save_checkpoint()
         if self.adalora is not None:
             self.adalora.prune(self.output_dir, self.log, acc.is_main_process)
         if prompt_ids:
@@ -551,6 +602,9 @@ class Trainer:
         return loss, record.get("eval_exact_match")
 
 
-def train(cfg: Config, resume: Optional[str] = None, out=None) -> TrainResult:
-    """Run training as configured; ``resume``: None, ``"latest"`` or a checkpoint directory."""
-    return Trainer(cfg, resume, out).run()
+def train(cfg: Config, resume: Optional[str] = None, out=None, *, overwrite: bool = False,
+          allow_changed_data: bool = False) -> TrainResult:
+    """Run training as configured; ``resume``: None, ``"latest"`` or a checkpoint directory
+    (the other arguments: see :class:`Trainer`)."""
+    return Trainer(cfg, resume, out, overwrite=overwrite,
+                   allow_changed_data=allow_changed_data).run()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from qlora.util.atomic import write_atomic
+
 
 def memory_used(device: torch.device) -> str:
     """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
@@ -19,22 +21,24 @@ def memory_used(device: torch.device) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path``; a resumed run keeps the earlier lines
-    up to the step it resumes from."""
+    """Appends one JSON object per line to ``path``. A resumed run keeps the first ``keep_lines``
+    lines, those written before its checkpoint (``TrainerState.metrics_lines``): what was logged
+    after it, such as a final evaluation, is logged again by the resumed run, and only once."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, keep_lines: int):
         self.path = path
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step] if resume_step else []
+        # as written, unparsed: a line torn by a kill after the checkpoint is never read
+        kept = path.read_bytes().splitlines(keepends=True)[:keep_lines] if path.is_file() else []
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
+        write_atomic(path, lambda f: f.write(b"".join(kept)))  # a kill here keeps the old file
+        self.lines = len(kept)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.lines += 1
 
 
 def tensorboard_values(record: dict) -> dict:

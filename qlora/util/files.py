@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Union
 
@@ -17,11 +18,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def _blocked_reason(err: BaseException) -> str:
-    """What torch's weights-only unpickler refused (its line naming the global), without its
-    advice to load the file with ``weights_only=False``."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
-                "unsupported pickle content")
+    """The global that torch's weights-only unpickler refused to call, without its advice to
+    load the file with ``weights_only=False`` or to allowlist the global."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f"GLOBAL {match.group(1)}" if match else _first_line(err)
 
 
 def read_bytes(path: PathLike) -> bytes:
@@ -61,7 +61,7 @@ def load_torch(path: PathLike):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: refused: it holds Python objects that a weights-only load does "
-                         f"not create, which could run code: {_blocked_reason(err)}") from err
+                         f"not create, which could run code ({_blocked_reason(err)})") from err
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for a damaged file
         raise ValueError(f"{path}: unreadable, truncated or corrupt ({_first_line(err)})") from err
 

@@ -5,7 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
+
+from qlora.cli import main
 
 
 def _qlora(args, cwd):
@@ -47,3 +50,12 @@ def test_builtin_run_learns_saves_and_generates(tmp_path):
                   "--prompt", "Uppercase: abc", "--max-new-tokens", "8"], tmp_path)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.endswith("\n") and len(gen.stdout) <= 8 * 4 + 1
+
+
+def test_train_help_documents_the_run_directory_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite replace the run already in train.output_dir" in text
+    assert "--allow-changed-data with --resume: continue even though a data file differs" in text
+    assert "a larger train.max_steps continues a finished run" in text

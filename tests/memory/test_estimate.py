@@ -263,6 +263,9 @@ def test_cli_json_and_table(capsys, tmp_path):
                  "--optimizer", "adamw", "--gpu-gb", "0.001"]) == 0
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "nf4 quant constants" in out and "full fine-tune" in out
+    for gpu_gb in ("-5", "0", "nan"):
+        with pytest.raises(ValueError, match=f"^--gpu-gb must be a positive number of GB, got {gpu_gb}$"):
+            _cli(["memory", "estimate", "--model", "llama-7b", "--gpu-gb", gpu_gb])
     (tmp_path / "bad.json").write_text("{\n  \"hidden_size\": 12,\n}")
     with pytest.raises(ValueError, match=r"bad.json:3: not valid JSON"):
         _cli(["memory", "estimate", "--model", str(tmp_path / "bad.json")])

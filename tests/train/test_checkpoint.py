@@ -1,7 +1,13 @@
-"""Checkpoints: atomic and rotated, refused when incompatible, never rewritten on resume, and a
-run killed with SIGKILL resumes to a bit-identical adapter."""
+"""Checkpoints: atomic and rotated, refused when incompatible, never rewritten on resume, a run
+killed with SIGKILL resumes to a bit-identical adapter, a finished run continues to more steps,
+damaged checkpoint files are named, and everything written is readable by others."""
+import errno
 import os
+import pathlib
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -11,12 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora.cli import main
 from qlora.cli.train import resolve_config
+from qlora.train import loop
 from qlora.train.checkpoint import list_checkpoints
-from qlora.train.loop import train
+from qlora.train.loop import Trainer, train
+from qlora.train.metrics import read_metrics
 
 CHECKPOINT_FILES = {"adapter", "optimizer.pt", "scheduler.pt", "rng-rank0.pt", "trainer_state.json",
-                    "config.yaml"}
+                    "config.yaml", "data_files.json"}
 SMALL = ["logging.progress_bar=false", "logging.sample_max_new_tokens=2", "train.micro_batch_size=4",
          "data.max_seq_len=48", "logging.exact_match_examples=4"]
 
@@ -128,3 +137,133 @@ def test_bitsandbytes_paged_adamw_is_adamw():
         # ratio of order 1) carries only ~1e-10 of absolute error
         torch.testing.assert_close(p, ref, rtol=3 * 2**-23, atol=1e-9)
     assert not model.weight.equal(initial)
+
+
+def _same_adapter(a: Path, b: Path) -> bool:
+    want = load_file(str(a / "adapter_model.safetensors"))
+    got = load_file(str(b / "adapter_model.safetensors"))
+    return bool(want) and want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)
+
+
+def test_a_finished_run_continues_to_a_larger_max_steps(tmp_path):
+    def cfg(out, steps):
+        return resolve_config(None, [f"train.output_dir={out}", f"train.max_steps={steps}", *SMALL])
+
+    straight = train(cfg(tmp_path / "straight", 6))
+    short = train(cfg(tmp_path / "run", 4))
+    with pytest.raises(ValueError, match=r"step-4: it is at step 4, past train\.max_steps=3$"):
+        train(cfg(tmp_path / "run", 3), resume="latest")
+    longer = train(cfg(tmp_path / "run", 6), resume="latest")
+    # warmup is ceil(3% of max_steps) = 1 step for both 4 and 6, and the schedule is constant:
+    # steps 5 and 6 get the same lr, data and RNG state as in the straight run
+    assert longer.steps == 6 and _same_adapter(straight.adapter_dir, short.adapter_dir)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # the 4-step run's final evaluation came after its last checkpoint: not part of the history
+    assert [r["step"] for r in records if "eval_loss" in r] == [6]
+
+
+def test_a_kill_while_publishing_the_adapter_logs_the_final_evaluation_once(tmp_path, monkeypatch):
+    cfg = resolve_config(None, [f"train.output_dir={tmp_path}", "train.max_steps=2", *SMALL])
+
+    def killed(save_fn, target):
+        raise KeyboardInterrupt  # as a kill at this point would leave the directory
+
+    monkeypatch.setattr(loop, "_publish_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert not (tmp_path / "adapter").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [2]
+    monkeypatch.undo()
+    result = train(cfg, resume="latest")
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    # the old loop kept the line (its step is the checkpoint's) and wrote it again
+    assert [r["step"] for r in records if "eval_loss" in r] == [2]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    train(resolve_config(None, [f"train.output_dir={out}", "train.max_steps=2", *SMALL]))
+    return out
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _touch(path):
+    pathlib.Path(path).touch()
+
+
+class _RunsCode:
+    """Pickles to a call of ``_touch``: run on load, it would create the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (_touch, (self.path,))
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("optimizer.pt", _truncate, "unreadable, truncated or corrupt (PytorchStreamReader"),
+    ("rng-rank0.pt", _truncate, "unreadable, truncated or corrupt (PytorchStreamReader"),
+    ("trainer_state.json", lambda p: p.write_text(""), "line 1: not valid JSON (Expecting value)"),
+    ("trainer_state.json", lambda p: p.write_text('{"step": "2"}'), "step must be an integer >= 0"),
+    ("scheduler.pt", lambda p: torch.save({"x": _RunsCode(p.with_name("ran"))}, p),
+     "refused: it holds Python objects that a weights-only load does not create, which could run "
+     "code (GLOBAL "),
+])
+def test_a_damaged_checkpoint_file_is_named(finished_run, tmp_path, name, damage, message):
+    checkpoint = tmp_path / "step-2"
+    shutil.copytree(finished_run / "checkpoints" / "step-2", checkpoint)
+    damage(checkpoint / name)
+    cfg = resolve_config(None, [f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2", *SMALL])
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{checkpoint / name}: {message}')}"):
+        train(cfg, resume=str(checkpoint))
+    assert not (checkpoint / "ran").exists()
+
+
+def test_everything_a_run_writes_is_readable_by_others(tmp_path):
+    from qlora import export_merged
+
+    umask = os.umask(0o022)
+    try:
+        trainer = Trainer(resolve_config(None, [f"train.output_dir={tmp_path / 'run'}",
+                                                "train.max_steps=2", "checkpoint.every=1", *SMALL]))
+        trainer.run()
+        export_merged(trainer.model, tmp_path / "merged")
+    finally:
+        os.umask(umask)
+    written = sorted(tmp_path.rglob("*"))
+    assert {"adapter_model.safetensors", "optimizer.pt", "model.safetensors"} <= {p.name for p in written}
+    # mkstemp and mkdtemp made the adapter's and the export's files 0600 and its directory 0700
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {k: "0o755" if (tmp_path / k).is_dir() else "0o644" for k in modes}
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+    failing = tmp_path / "checkpoints" / ".tmp-step-2" / "optimizer.pt"
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f) == failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = ["train", *[a for o in [f"train.output_dir={tmp_path}", "train.max_steps=3",
+                                   "checkpoint.every=1", "checkpoint.keep=2", *SMALL]
+                       for a in ("--set", o)]]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"qlora train: error: [Errno 28] No space left on device: "
+                                       f"'{failing}'\n")
+    assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step-1"]
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    # the partial .tmp-step-2 went with the next save
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

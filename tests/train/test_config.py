@@ -42,9 +42,9 @@ def test_yaml_then_overrides(tmp_path):
     ("optim:\n  schedule: step\n", "optim.schedule: 'step' is not one of constant, linear, cosine"),
     ("data:\n  packing: yes please\n", "data.packing: expected bool, got 'yes please'"),
     ("lora: 8\n", "'lora' must be a section holding key: value pairs, got 8"),
-    ("optim:\n  lr: .nan\n", "optim.lr: must be a finite number, got nan"),
-    ("optim:\n  weight_decay: .inf\n", "optim.weight_decay: must be a finite number, got inf"),
-    ("train:\n  max_grad_norm: .nan\n", "train.max_grad_norm: must be a finite number, got nan"),
+    ("optim:\n  lr: .nan\n", "optim.lr: must be a finite number (float32's range, up to 3.4e+38), got nan"),
+    ("optim:\n  weight_decay: .inf\n", "optim.weight_decay: must be a finite number (float32's range, up to 3.4e+38), got inf"),
+    ("train:\n  max_grad_norm: .nan\n", "train.max_grad_norm: must be a finite number (float32's range, up to 3.4e+38), got nan"),
     ("train:\n  output_dir: ''\n", "train.output_dir: must not be empty"),
     ("data:\n  path: ' '\n", "data.path: must not be empty"),
     ("train:\n  max_steps: 3\n  max_steps: 5\n",
@@ -82,7 +82,7 @@ def test_bad_override_names_key_and_value():
         apply_override(Config(), "optim.lr=fast")
     with pytest.raises(ValueError, match="expected section.key=value"):
         apply_override(Config(), "lr")
-    for assignment in ("optim.lr=.nan", "optim.lr=.inf", "optim.lr=-.inf"):
+    for assignment in ("optim.lr=.nan", "optim.lr=.inf", "optim.lr=-.inf", "optim.lr=1e39"):
         with pytest.raises(ValueError, match=r"^--set: optim.lr: must be a finite number"):
             apply_override(Config(), assignment)
     with pytest.raises(ValueError, match=r"^--set: train.output_dir: must not be empty$"):

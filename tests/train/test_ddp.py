@@ -1,11 +1,14 @@
 """Two CPU processes started by `accelerate launch --multi_gpu --num_processes 2` (DDP over gloo)
-end with identical adapters, equal to one process training on the same global batch."""
+end with identical adapters, equal to one process training on the same global batch; and both
+stop with the main process's message when the run directory is another run's."""
 import os
 import subprocess
 import sys
 
 import torch
 from safetensors.torch import load_file
+
+from qlora.train.run_dir import lock_run_dir
 
 SCRIPT = """
 import sys
@@ -62,3 +65,16 @@ def test_two_process_ddp_matches_one_process(tmp_path, free_port):
         close = torch.isclose(rank0[key], single[key], rtol=1e-4, atol=1e-5)
         assert (~close).float().mean() <= 1e-3, key
         torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=3 * 2e-3)
+
+    # Only the main process locks the directory; it tells the other whether to go on, so that
+    # both stop here with its message (otherwise the other would build the model and wait for
+    # the dead main process in DDP's first collective).
+    busy = tmp_path / "busy"
+    lock = lock_run_dir(busy)
+    refused = subprocess.run([*launch[:-1], f"--main_process_port={_free_port()}", str(script),
+                              str(busy), "2"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                             timeout=600)
+    lock.release()
+    assert refused.returncode != 0
+    message = f"train.output_dir {busy} is in use by another run (pid {os.getpid()}"
+    assert refused.stderr.count(message) >= 2, refused.stderr[-3000:]

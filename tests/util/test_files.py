@@ -44,7 +44,7 @@ def test_load_torch_refuses_pickled_code_and_names_damaged_files(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{blocked}: refused: it holds Python objects")) as err:
         load_torch(blocked)
     # the reason names what was blocked; torch's advice to load with weights_only=False is left out
-    assert "GLOBAL posix.system" in str(err.value) and "weights_only" not in str(err.value)
+    assert str(err.value).endswith("which could run code (GLOBAL posix.system)")
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'gone.pt'}: no such file")):
         load_torch(tmp_path / "gone.pt")
 
