@@ -187,11 +187,21 @@ def no_prompt(monkeypatch):
 
 @pytest.fixture
 def modules_cache(tmp_path, monkeypatch):
-    """transformers copies trusted code into HF_MODULES_CACHE and imports it from there."""
+    """transformers copies trusted code into HF_MODULES_CACHE and imports it from there as the
+    package ``transformers_modules``. Each test gets its own cache and a fresh import of that
+    package: one imported by an earlier test in the process would point into that test's cache,
+    where this test's code is not."""
     import sys
 
     import transformers.dynamic_module_utils as dynamic
 
+    def imported():
+        return [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]
+
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    return tmp_path / "modules"
+    for name in imported():
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    yield tmp_path / "modules"
+    for name in imported():
+        del sys.modules[name]  # this test's, before the earlier ones come back
