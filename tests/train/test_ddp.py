@@ -71,7 +71,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, free_port):
     # the dead main process in DDP's first collective).
     busy = tmp_path / "busy"
     lock = lock_run_dir(busy)
-    refused = subprocess.run([*launch[:-1], f"--main_process_port={_free_port()}", str(script),
+    refused = subprocess.run([*launch[:-1], f"--main_process_port={free_port()}", str(script),
                               str(busy), "2"], capture_output=True, text=True, env=env, cwd=tmp_path,
                              timeout=600)
     lock.release()
