@@ -45,6 +45,6 @@ def test_only_causal_language_models_are_accepted(tmp_path):
                                          r"not a causal language model"):
         check_causal_lm(tmp_path, {"architectures": ["BertForMaskedLM"]})
     check_causal_lm(tmp_path, {"model_type": "llama"})  # no architectures: its type has one
-    with pytest.raises(ValueError, match="names no architectures and model_type 'bert', which is not "
+    with pytest.raises(ValueError, match="names no architectures and model_type 'vit', which is not "
                                          "a causal language model"):
-        check_causal_lm(tmp_path, {"model_type": "bert"})
+        check_causal_lm(tmp_path, {"model_type": "vit"})
