@@ -11,9 +11,16 @@ budget decides (see ``qlora.optim.pages``). ``step()`` walks the pages with the 
 streamed through a double buffer, and updates each segment with one fused AdamW kernel launch
 (PyTorch ops when the parameters are on the CPU).
 
+With ``master_weights=True`` the pages also hold an fp32 copy of every parameter (a 16-bit
+LoRA weight, say): the update is applied to that master and the parameter receives its rounding,
+so updates smaller than the parameter's resolution accumulate in the master instead of being
+rounded away (Micikevicius et al. 2018, "Mixed Precision Training", §3.1). The masters page in
+and out with the moments.
+
 ``state_dict()`` holds, per parameter, ``step`` and the moments as CPU tensors: fp32
 ``exp_avg``/``exp_avg_sq`` shaped like the parameter (the layout of ``torch.optim.AdamW``), or
-for 8-bit states the flat uint8 codes and fp32 block absmax of each moment.
+for 8-bit states the flat uint8 codes and fp32 block absmax of each moment; and with master
+weights the fp32 ``master`` shaped like the parameter.
 """
 from dataclasses import dataclass
 
@@ -39,6 +46,7 @@ class StateField:
         return -(-numel // self.granularity)
 
 
+MASTER = StateField("master", torch.float32, 1)
 FP32_FIELDS = (StateField("exp_avg", torch.float32, 1),
                StateField("exp_avg_sq", torch.float32, 1))
 # fp32 absmax first so every field starts 4-byte aligned inside the page.
@@ -46,6 +54,13 @@ INT8_FIELDS = (StateField("exp_avg_absmax", torch.float32, QUANT_BLOCK),
                StateField("exp_avg_sq_absmax", torch.float32, QUANT_BLOCK),
                StateField("exp_avg_codes", torch.uint8, 1),
                StateField("exp_avg_sq_codes", torch.uint8, 1))
+
+
+def state_fields(state_dtype, master_weights: bool) -> tuple:
+    """The per-element fields of a page, fp32 ones first (so every field is 4-byte aligned)."""
+    if state_dtype == "8bit":
+        return INT8_FIELDS[:2] + ((MASTER,) if master_weights else ()) + INT8_FIELDS[2:]
+    return FP32_FIELDS + ((MASTER,) if master_weights else ())
 
 
 @dataclass(frozen=True)
@@ -124,10 +139,13 @@ class PagedAdamW(torch.optim.Optimizer):
             it); "auto": follow free device memory, leaving headroom (CUDA only).
         page_bytes: size of one page (rounded down to whole 256-element blocks).
         state_dtype: ``torch.float32`` or ``"8bit"`` (blockwise dynamic 8-bit moments).
+        master_weights: keep an fp32 master of every parameter in the pages and update that
+            (for parameters stored in 16 bits).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 gpu_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES, state_dtype=torch.float32):
+                 gpu_budget_bytes=None, page_bytes=DEFAULT_PAGE_BYTES, state_dtype=torch.float32,
+                 master_weights=False):
         if not 0.0 <= lr:
             raise ValueError(f"PagedAdamW: invalid lr {lr}")
         if not 0.0 <= eps:
@@ -147,7 +165,8 @@ class PagedAdamW(torch.optim.Optimizer):
         self.gpu_budget_bytes = gpu_budget_bytes
         self.page_bytes = page_bytes
         self.state_dtype = state_dtype
-        self._fields = INT8_FIELDS if state_dtype == "8bit" else FP32_FIELDS
+        self.master_weights = bool(master_weights)
+        self._fields = state_fields(state_dtype, self.master_weights)
         self._params = []  # trainable params the layout covers, in param-group order
         self._layout = None
         self._pool = None
@@ -184,6 +203,9 @@ class PagedAdamW(torch.optim.Optimizer):
         self._layout = PageLayout([p.numel() for p in params], self.page_bytes, self._fields)
         self._pool = PagePool(self._layout.n_pages, self._layout.page_bytes, device,
                               self.gpu_budget_bytes)
+        if self.master_weights:  # every master starts as its parameter
+            for p in params:
+                self._scatter(p, {MASTER.name: p.detach()})
         if self.state_dtype == "8bit":
             self._maps = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
 
@@ -196,17 +218,20 @@ class PagedAdamW(torch.optim.Optimizer):
             for f in self._fields:
                 src = views[f.name][PageLayout.page_slice(f, seg)]
                 out[f.name][PageLayout.param_slice(f, seg)].copy_(src)
-        if self.state_dtype == torch.float32:
-            out = {name: t.view(p.shape) for name, t in out.items()}
-        return out
+        shaped = {MASTER.name} | ({f.name for f in FP32_FIELDS}
+                                  if self.state_dtype == torch.float32 else set())
+        return {name: t.view(p.shape) if name in shaped else t for name, t in out.items()}
 
     def _scatter(self, p, fields: dict):
-        """Write every state field of ``p`` (CPU tensors of the right numel) into its pages."""
+        """Write the given state fields of ``p`` (tensors of the right numel, on any device)
+        into its pages."""
         self._pool.synchronize()
         fields = {name: t.reshape(-1) for name, t in fields.items()}
         for seg in self._layout.param_segments[self._index[p]]:
             views = self._layout.views(self._pool.page(seg.page))
             for f in self._fields:
+                if f.name not in fields:
+                    continue
                 src = fields[f.name][PageLayout.param_slice(f, seg)]
                 views[f.name][PageLayout.page_slice(f, seg)].copy_(src)
 
@@ -251,13 +276,18 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 param, grad, scalars = work[seg.param_index]
                 elems = slice(seg.param_offset, seg.param_offset + seg.numel)
-                states = [views[f.name][PageLayout.page_slice(f, seg)] for f in self._fields]
+                states = {f.name: views[f.name][PageLayout.page_slice(f, seg)] for f in self._fields}
+                target, g = param[elems], grad[elems]
+                if self.master_weights:  # update the fp32 master; the parameter gets its rounding
+                    target, g = states[MASTER.name], g.float()
                 if self.state_dtype == "8bit":
-                    absmax_m, absmax_v, codes_m, codes_v = states
-                    adamw8bit_update(param[elems], grad[elems], codes_m, codes_v, absmax_m,
-                                     absmax_v, *self._maps, **scalars)
+                    adamw8bit_update(target, g, states["exp_avg_codes"], states["exp_avg_sq_codes"],
+                                     states["exp_avg_absmax"], states["exp_avg_sq_absmax"],
+                                     *self._maps, **scalars)
                 else:
-                    adamw_update(param[elems], grad[elems], *states, **scalars)
+                    adamw_update(target, g, states["exp_avg"], states["exp_avg_sq"], **scalars)
+                if self.master_weights:
+                    param[elems].copy_(target)
 
         self._pool.walk(pages, update_page)
         return loss
@@ -281,12 +311,13 @@ class PagedAdamW(torch.optim.Optimizer):
         also load from ``torch.optim.AdamW``); pages are rebuilt and filled wherever they live."""
         params = self._all_params()
         names = {f.name for f in self._fields}
+        required = names - {MASTER.name}  # a state without masters starts them from the params
         moments, stripped = {}, {}
         for index, entry in state_dict["state"].items():
             if not isinstance(index, int) or not 0 <= index < len(params):
                 raise ValueError(f"PagedAdamW.load_state_dict: state key {index!r} is not a "
                                  f"parameter index in [0, {len(params)})")
-            missing = names - entry.keys()
+            missing = required - entry.keys()
             if missing:
                 raise ValueError(f"PagedAdamW.load_state_dict: state[{index}] lacks "
                                  f"{sorted(missing)} (state_dtype={self.state_dtype!r}); "
@@ -294,6 +325,8 @@ class PagedAdamW(torch.optim.Optimizer):
             p = params[index]
             fields = {}
             for f in self._fields:
+                if f.name not in entry:
+                    continue
                 value = entry[f.name]
                 if value.numel() != f.length(p.numel()):
                     raise ValueError(f"PagedAdamW.load_state_dict: state[{index}][{f.name!r}] has "
@@ -313,6 +346,13 @@ class PagedAdamW(torch.optim.Optimizer):
         for index, fields in moments.items():
             if params[index] in self._index:
                 self._scatter(params[index], fields)
+
+    def master_weights_cpu(self) -> dict:
+        """{parameter: its fp32 master as a CPU tensor shaped like it}; empty without masters."""
+        if not self.master_weights:
+            return {}
+        self._ensure_layout()
+        return {p: self._gather(p)[MASTER.name] for p in self._params}
 
     # ---- accounting ------------------------------------------------------------------------
     def memory_report(self) -> dict:
