@@ -18,6 +18,11 @@ forward, so the recomputed chunks see the masks the forward saw.
 """
 import torch
 
+# Tokens per chunk when a run turns the tiled MLP on by itself (model.tiled_mlp: auto): a
+# [4096, h] x [h, i] GEMM is still large enough to keep a GPU busy, and at h = 4096, i = 14336 in
+# bf16 one chunk's intermediates are about 0.5 GB.
+DEFAULT_CHUNK_TOKENS = 4096
+
 
 def _rng_state(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

@@ -51,7 +51,8 @@ _TMP_PREFIX = ".tmp-"
 RESUMABLE_CHANGES = {"train.output_dir", "train.max_steps", "train.eval_every", "train.max_bad_steps",
                      "checkpoint.every", "checkpoint.keep", "logging.progress_bar",
                      "logging.every", "logging.loss_plot", "logging.sample_prompt",
-                     "logging.sample_max_new_tokens", "logging.exact_match_examples"}
+                     "logging.sample_max_new_tokens", "logging.exact_match_examples",
+                     "train.gpu_memory_gb", "model.embedding_on_host"}
 
 
 @dataclass

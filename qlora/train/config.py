@@ -26,11 +26,13 @@ from qlora.util.files import read_text
 FLOAT32_MAX = 3.4028234663852886e38  # a larger lr or decay overflows the optimizer's float32 math
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:tasks"
+AUTO = "auto"  # a memory option `qlora train` decides from the memory plan (qlora.memory.plan)
 
 
-def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, nonempty=False, help=""):
-    """A dataclass field with its allowed values, checked by ``_check_value``."""
-    meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, nonempty=nonempty,
+def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, auto=False, help=""):
+    """A dataclass field with its allowed values, checked by ``_check_value``; ``auto``: the
+    value may also be "auto"."""
+    meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, auto=auto,
                 help=help)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -49,6 +51,15 @@ class ModelConfig:
                                       "pinned host memory (CUDA)")
     fused_kernels: bool = _spec(False, help="swap the fused Triton RMSNorm, SwiGLU and RoPE kernels "
                                 "into Llama/Mistral/Qwen2 modules (triton or cuda backend)")
+    tiled_mlp: Union[int, str] = _spec(AUTO, min=0, auto=True, help="tokens per chunk of the "
+                                       "tiled MLP (intermediates of one chunk at a time); 0: off; "
+                                       "auto: on when the memory plan needs it")
+    compact_norms: Union[bool, str] = _spec(AUTO, auto=True, help="RMSNorms keep their input "
+                                            "and 1/rms, not an fp32 copy; auto: when the plan "
+                                            "needs it")
+    embedding_on_host: Union[bool, str] = _spec(AUTO, auto=True, help="the input embedding in "
+                                                "host memory, rows gathered per batch (CUDA); "
+                                                "auto: when the plan needs it")
 
 
 @dataclass
@@ -57,6 +68,9 @@ class LoraConfig:
                       help="dora: weight-decomposed LoRA; adalora: ranks from init_r pruned to "
                            "target_r per layer on average (the keys below)")
     r: int = _spec(16, min=1)
+    dtype: str = _spec(AUTO, choices=[AUTO, "float32", "bfloat16", "float16"],
+                       help="LoRA weights' dtype; 16-bit keeps fp32 masters in the optimizer "
+                            "(paged_adamw); auto: the compute dtype when the plan needs it")
     alpha: float = _spec(16.0, min=0, min_exclusive=True, help="scaling = alpha / r")
     dropout: float = _spec(0.05, min=0.0, max=0.999)
     target_modules: Union[str, list] = _spec("all-linear", help="'all-linear', 'attention', "
@@ -107,6 +121,9 @@ class TrainConfig:
     seed: int = _spec(42, min=0)
     max_bad_steps: int = _spec(5, min=1, help="abort after this many non-finite steps in a row")
     eval_every: int = _spec(0, min=0, help="steps between evaluations; 0: only at the end")
+    gpu_memory_gb: Optional[float] = _spec(None, min=0, min_exclusive=True,
+                                           help="device memory (GB) the memory plan may use; "
+                                                "None: the device's free memory at the start")
 
 
 @dataclass
@@ -210,13 +227,10 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 
 def _check_value(key: str, value: Any, meta) -> None:
-    if value is None or isinstance(value, (bool, list)):
+    if value is None or isinstance(value, (bool, list)) or (meta.get("auto") and value == AUTO):
         return
-    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-        raise ValueError(f"{key}: must be a finite number (float32's range, up to "
-                         f"{FLOAT32_MAX:.2g}), got {value!r}")
-    if meta.get("nonempty") and not value.strip():
-        raise ValueError(f"{key}: must not be empty")
+    if meta.get("auto") and isinstance(value, str):
+        raise ValueError(f"{key}: expected a number, true/false or {AUTO!r}, got {value!r}")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
     low, high = meta.get("min"), meta.get("max")

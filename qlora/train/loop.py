@@ -40,6 +40,8 @@ from qlora.train.guard import NonFiniteLossError, NonFiniteUpdateError, Training
     non_finite_update_message
 from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, plot_loss, \
     tensorboard_values
+from qlora.optim.master import master_weights_in_place
+from qlora.train.memory_options import apply_memory_options, memory_options
 from qlora.train.model import build_model
 from qlora.train.optimizer import build_optimizer, build_scheduler
 from qlora.train.run_dir import decided_on_main, lock_run_dir, take_over
@@ -218,25 +220,7 @@ def _trackers(cfg: Config) -> Optional[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None, *,
-                 overwrite: bool = False, allow_changed_data: bool = False):
-        """``resume``: None, ``"latest"`` or a checkpoint directory; ``overwrite``: replace a
-        previous run's outputs in ``train.output_dir``; ``allow_changed_data``: resume even if
-        the data files differ from the checkpoint's (qlora.train.fingerprint)."""
-        self.run_lock = None
-        try:
-            self._setup(cfg, resume, out, overwrite, allow_changed_data)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Release ``train.output_dir`` for other runs."""
-        if self.run_lock is not None:
-            self.run_lock.release()
-
-    def _setup(self, cfg: Config, resume: Optional[str], out, overwrite: bool,
-               allow_changed_data: bool) -> None:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None, plan=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -256,6 +240,8 @@ class Trainer:
         adapter_dir = None if self.resumed_from is None or cfg.lora.type == "adalora" \
             else self.resumed_from / "adapter"
         self.model, self.tokenizer = build_model(cfg, self.acc.device, adapter_dir)
+        self.plan = plan  # qlora.memory.plan.MemoryPlan from `qlora train`, or None
+        self.memory_notes = apply_memory_options(self.model, **memory_options(cfg))
         self.adalora = AdaLoRATraining(self.model, cfg.lora, cfg.train.max_steps) if cfg.lora.type == "adalora" else None
         if cfg.model.fused_kernels:
             self.patched = _patch_fused_kernels(self.model, self.acc.device)
@@ -267,7 +253,8 @@ class Trainer:
         self.fsdp_plan = self._shard() if fsdp.fsdp_requested() else None
         self.data = build_data(cfg, self.tokenizer)
         # after sharding: under FSDP the optimizer updates each process's shards
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(
+            self.model, cfg, gpu_budget_bytes=plan.optimizer_budget_bytes if plan else None)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = ckpt.TrainerState(world_size=self.world)
         if self.resumed_from is not None:
@@ -356,13 +343,15 @@ class Trainer:
             self.adalora.restore(path)
 
     def save_adapter(self, path: Path) -> None:
-        """The adapter in PEFT's format (AdaLoRA: with its rank pattern, masked triplets left out)."""
-        if self.adalora is not None:
-            self.adalora.save_adapter(path)
-        else:
-            from qlora.model.adapters import save_adapter
+        """The adapter in PEFT's format (AdaLoRA: with its rank pattern, masked triplets left out),
+        from the optimizer's fp32 masters where it keeps them."""
+        with master_weights_in_place(self.optimizer):
+            if self.adalora is not None:
+                self.adalora.save_adapter(path)
+            else:
+                from qlora.model.adapters import save_adapter
 
-            save_adapter(self.model, str(path))
+                save_adapter(self.model, str(path))
 
     def save_checkpoint(self) -> None:
         step = self.state.step
@@ -460,6 +449,10 @@ class Trainer:
         self.log(self.data.summary())
         for line in self.fsdp_plan or []:
             self.log(line)
+        if self.plan is not None:
+            self.log(self.plan.text())
+        for line in self.memory_notes:
+            self.log(f"memory: {line}")
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
         if acc.is_main_process:
@@ -602,9 +595,7 @@ class Trainer:
         return loss, record.get("eval_exact_match")
 
 
-def train(cfg: Config, resume: Optional[str] = None, out=None, *, overwrite: bool = False,
-          allow_changed_data: bool = False) -> TrainResult:
-    """Run training as configured; ``resume``: None, ``"latest"`` or a checkpoint directory
-    (the other arguments: see :class:`Trainer`)."""
-    return Trainer(cfg, resume, out, overwrite=overwrite,
-                   allow_changed_data=allow_changed_data).run()
+def train(cfg: Config, resume: Optional[str] = None, out=None, plan=None) -> TrainResult:
+    """Run training as configured; ``resume``: None, ``"latest"`` or a checkpoint directory;
+    ``plan``: the memory plan (qlora.memory.plan) whose optimizer budget the run uses."""
+    return Trainer(cfg, resume, out, plan).run()

@@ -19,12 +19,21 @@ def param_groups(model, cfg: Config) -> list:
     return [dict(params=params, lr=o.lr, weight_decay=o.weight_decay)]
 
 
-def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: Config, gpu_budget_bytes=None) -> torch.optim.Optimizer:
+    """The configured optimizer. Trained weights stored in 16 bits (lora.dtype) get fp32 master
+    weights in PagedAdamW's pages; ``gpu_budget_bytes``: the device bytes its pages may take
+    (the rest spill to pinned host memory; None: all on the device)."""
     o = cfg.optim
     groups = param_groups(model, cfg)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    sixteen_bit = any(p.dtype != torch.float32 for g in groups for p in g["params"])
     if o.name == "paged_adamw":
-        return PagedAdamW(groups, **kwargs)
+        return PagedAdamW(groups, **kwargs, master_weights=sixteen_bit,
+                          gpu_budget_bytes=gpu_budget_bytes)
+    if sixteen_bit:
+        raise ValueError(f"lora.dtype {cfg.lora.dtype}: 16-bit trained weights need optim.name "
+                         f"paged_adamw, which keeps their fp32 masters ({o.name} would round "
+                         f"every update to 16 bits)")
     if o.name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     try:

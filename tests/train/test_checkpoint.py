@@ -55,6 +55,22 @@ def test_checkpoints_rotate_refuse_incompatible_and_are_never_rewritten(tmp_path
     assert again.steps == 4 and _files(found[-1]) == before
 
 
+def test_16_bit_adapters_resume_exactly_and_are_saved_from_their_fp32_masters(tmp_path):
+    overrides = [f"train.output_dir={tmp_path}", "train.max_steps=4", "checkpoint.every=2",
+                 "lora.dtype=bfloat16", *SMALL]
+    first = train(resolve_config(None, overrides))
+    want = load_file(str(first.adapter_dir / "adapter_model.safetensors"))
+    step2 = next(p for p in list_checkpoints(str(tmp_path)) if p.name == "step-2")
+    again = train(resolve_config(None, overrides), resume=str(step2))
+    got = load_file(str(again.adapter_dir / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and want
+    for key in want:
+        assert want[key].dtype == torch.float32 and want[key].equal(got[key]), key
+    # the fp32 masters, not their bf16 roundings (which is what the model computes with)
+    trained = [t for k, t in want.items() if "lora_B" in k]
+    assert any(not t.equal(t.to(torch.bfloat16).float()) for t in trained)
+
+
 def _train_cmd(out_dir, *extra):
     return [sys.executable, "-m", "qlora", "train", "--set", f"train.output_dir={out_dir}",
             "--set", "train.max_steps=12", "--set", "checkpoint.every=3",
