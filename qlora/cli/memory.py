@@ -28,7 +28,19 @@ def register(subparsers) -> None:
                    help="keep the layer checkpoints in host memory")
     e.add_argument("--chunked-loss", action="store_true",
                    help="lm_head + cross-entropy chunk by chunk (no full logits tensor)")
-    e.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GB (10^9 bytes)")
+    e.add_argument("--tiled-mlp", type=int, default=0, metavar="TOKENS",
+                   help="run each MLP over chunks of TOKENS tokens (0: off)")
+    e.add_argument("--compact-norms", action="store_true",
+                   help="RMSNorms keep their input and 1/rms, not an fp32 copy")
+    e.add_argument("--embedding-on-host", action="store_true",
+                   help="keep the input embedding in host memory")
+    e.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="LoRA weights' dtype (bfloat16: fp32 masters in the optimizer's pages)")
+    e.add_argument("--gpu-gb", type=float, default=24.0,
+                   help="GPU memory in GB (10^9 bytes); optimizer pages beyond it go to the host")
+    e.add_argument("--max-context", action="store_true",
+                   help="print the longest sequence that fits at batch 1 with the best options, "
+                        "and what each option buys")
     e.add_argument("--json", action="store_true", help="print JSON instead of tables")
     e.set_defaults(func=run_estimate)
 
@@ -44,12 +56,25 @@ def run_estimate(args) -> int:
     if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise ValueError(f"--gpu-gb must be a positive number of GB, got {args.gpu_gb:g}")
     config, source = est.load_config(args.model)
+    budget = int(args.gpu_gb * est.GB)
     setup = est.TrainSetup(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
                            targets=est.parse_targets(args.targets), gpus=args.gpus,
                            optimizer=args.optimizer or ("adamw" if args.gpus > 1 else "paged_adamw"),
                            grad_checkpointing=args.grad_checkpointing,
-                           offload_checkpoints=args.offload_checkpoints, chunked_loss=args.chunked_loss)
-    budget = int(args.gpu_gb * est.GB)
+                           offload_checkpoints=args.offload_checkpoints, chunked_loss=args.chunked_loss,
+                           tiled_mlp=args.tiled_mlp, compact_norms=args.compact_norms,
+                           embedding_on_host=args.embedding_on_host,
+                           lora_bytes=4 if args.lora_dtype == "float32" else 2,
+                           gpu_budget_bytes=budget)
+    if args.max_context:
+        from qlora.memory.max_context import ladder
+
+        rows = ladder(config, budget, setup)
+        if args.json:
+            print(json.dumps({"model": source, "gpu_budget_bytes": budget, "ladder": rows}, indent=2))
+        else:
+            print(report.max_context_table(rows, source, budget, setup))
+        return 0
     estimate = est.estimate(config, setup, source)
     rows = est.comparison(config, setup)
     fit = est.largest_fit(config, setup, budget)

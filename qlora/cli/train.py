@@ -49,6 +49,7 @@ def resolve_config(config_path, overrides):
 
 
 def run_train(args) -> int:
+    from qlora.memory.plan import plan_for_run
     from qlora.train import dump_config, train
     from qlora.train.guard import TrainingStopped
 
@@ -56,12 +57,5 @@ def run_train(args) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    if args.allow_changed_data and args.resume is None:
-        raise ValueError("--allow-changed-data only applies with --resume")
-    try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite,
-              allow_changed_data=args.allow_changed_data)
-    except TrainingStopped as err:
-        print(f"qlora train: stopped: {err}", file=sys.stderr)
-        return 1
+    train(cfg, resume=args.resume, plan=plan_for_run(cfg, args.resume))
     return 0

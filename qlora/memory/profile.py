@@ -1,42 +1,38 @@
 """`qlora memory profile`: run real training steps, measure memory per phase, compare to the estimate.
 
-A step has three phases, each measured: forward (loss), backward, optimizer step (and zero_grad).
-``StepPhases`` holds one callable per phase so the training loop can hand in its own step; until
-it does, ``lora_step`` is a minimal real step: causal-LM loss of a random byte batch on a Llama
-whose decoder projections are NF4 ``Linear4bit`` under ``LoRALinear``, then AdamW.
+A step has three phases, each measured: forward (the training loop's loss, ``LossModule``),
+backward, optimizer step (and zero_grad). The model is built as ``qlora train`` builds it (NF4
+base from random weights, LoRA adapters, gradient checkpointing of ``qlora.ops.offload``) with
+the run's memory options (``qlora.train.memory_options``), and trained with PagedAdamW (masters
+for 16-bit adapters, a device budget when one is given).
 
-Measurement
-  CUDA: ``torch.cuda.memory._record_memory_history`` traces every allocation (the timeline, and a
-        snapshot for https://pytorch.org/memory_viz); ``memory_allocated`` /
-        ``max_memory_allocated`` per phase; the CUDA context is (total - free) - reserved.
-  CPU:  the resident set size (/proc/self/statm) sampled every millisecond by a thread, and the
-        exact peak per phase from VmHWM after resetting it (``echo 5 > /proc/self/clear_refs``).
-        glibc is told to serve every allocation >= 64 KiB with mmap, so freed tensors leave the
-        RSS at once instead of staying in the heap. tracemalloc reports the Python heap's share.
-  Both: the bytes of each component counted from the live tensors (weights, adapters, grads,
-        optimizer states) and from ``saved_tensors_hooks`` (what autograd keeps for backward,
-        split at lm_head into activations and logits/loss).
+Measurement: the bytes of tensors allocated, over time, as the estimate counts them.
+  CUDA: PyTorch's allocator (``memory_allocated``, per-phase ``max_memory_allocated``) and its
+        trace (``_record_memory_history``: the timeline, and a snapshot for
+        https://pytorch.org/memory_viz).
+  CPU:  every allocation and release of PyTorch's CPU allocator, from ``torch.profiler``'s
+        memory events, replayed in order: the exact running total and its peak per phase.
+  Both: the persistent components counted from the live tensors (weights, adapters, grads,
+        optimizer pages on the device and in host memory).
 
-Steady state is measured on the last step: the first one allocates the optimizer states and, on
-CPU, maps code pages of the kernels it runs for the first time.
+Compared with the estimate, per component: each persistent row; what the forward keeps for the
+backward (its net rise: activations and loss); the forward's transients (its peak over that);
+the backward's rise at its peak (LoRA gradients, the recomputed layer, the checkpoints in
+flight and the backward's transients); the total peak. Steady state is measured on the last
+step: the first one allocates the optimizer's pages.
 """
-import ctypes
 import json
 import os
-import threading
 import time
-import tracemalloc
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 import torch
 
 from qlora.memory import estimate as est
 from qlora.memory import report
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-MMAP_THRESHOLD_BYTES = 64 * 1024
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -52,73 +48,119 @@ class ProfileSettings:
     optimizer: str = "paged_adamw"
     lr: float = 1e-4
     grad_checkpointing: bool = False
+    offload_checkpoints: bool = False   # CUDA only (on CPU the checkpoints stay where they are)
+    tiled_mlp: int = 0
+    compact_norms: bool = False
+    embedding_on_host: bool = False
+    lora_dtype: str = "float32"
+    dtype: str = "bfloat16"             # compute dtype
+    gpu_budget_gb: Optional[float] = None  # device memory of the run: optimizer pages spill past it
     seed: int = 0
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    device: str = ""                    # "": cuda when available, else cpu
+
+    def __post_init__(self):
+        if not self.device:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        for name, table in (("dtype", DTYPES), ("lora_dtype", DTYPES)):
+            if getattr(self, name) not in table:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be one of {list(table)}")
 
 
 def settings_from_yaml(path: str) -> ProfileSettings:
     """The profile of the run a ``qlora train`` YAML describes (validated as ``qlora train`` does):
     its architecture with random weights, data.max_seq_len x train.micro_batch_size, the LoRA rank,
-    alpha and targets, the optimizer and lr, checkpointing and the seed."""
-    from importlib import resources
-
-    from qlora.train.config import BUILTIN_MODEL, load_config
-    from qlora.train.model import BUILTIN_CONFIG_FILE
+    alpha and targets, the optimizer and lr, checkpointing, the memory options ("auto" decided by
+    the memory plan as ``qlora train`` decides it) and the seed."""
+    from qlora.memory.plan import estimate_targets, plan_for_run
+    from qlora.train.config import load_config
+    from qlora.train.memory_options import memory_options
 
     cfg = load_config(path)
-    model = cfg.model.name_or_path
-    if model == BUILTIN_MODEL:
-        model = str(resources.files("qlora.train").joinpath(BUILTIN_CONFIG_FILE))
-    targets = cfg.lora.target_modules
-    if isinstance(targets, list):
-        targets = tuple(targets)
-    else:
-        presets = {"attention": est.ATTENTION_PROJECTIONS, "mlp": est.MLP_PROJECTIONS}
-        targets = presets.get(targets) or est.parse_targets(targets)
     if cfg.optim.name not in est.OPTIMIZERS:
         raise ValueError(f"{path}: optim.name {cfg.optim.name!r}: the profile runs one of "
                          f"{', '.join(est.OPTIMIZERS)}")
-    return ProfileSettings(model=model, seq_len=cfg.data.max_seq_len, batch_size=cfg.train.micro_batch_size,
-                           rank=cfg.lora.r, alpha=cfg.lora.alpha, targets=targets, optimizer=cfg.optim.name,
-                           lr=cfg.optim.lr, grad_checkpointing=cfg.model.gradient_checkpointing,
-                           seed=cfg.train.seed)
+    plan = plan_for_run(cfg)
+    options = memory_options(cfg)
+    model = cfg.model.name_or_path
+    if model == "builtin:tiny-llama":
+        from importlib import resources
+
+        from qlora.train.model import BUILTIN_CONFIG_FILE
+
+        model = str(resources.files("qlora.train").joinpath(BUILTIN_CONFIG_FILE))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ProfileSettings(
+        model=model, seq_len=cfg.data.max_seq_len, batch_size=cfg.train.micro_batch_size,
+        rank=cfg.lora.r, alpha=cfg.lora.alpha, targets=estimate_targets(cfg.lora.target_modules),
+        optimizer=cfg.optim.name, lr=cfg.optim.lr,
+        grad_checkpointing=cfg.model.gradient_checkpointing,
+        offload_checkpoints=cfg.model.offload_activations, tiled_mlp=options["tiled_mlp"],
+        compact_norms=options["compact_norms"], embedding_on_host=options["embedding_on_host"],
+        lora_dtype={torch.float32: "float32"}.get(options["lora_dtype"], "bfloat16"),
+        dtype=cfg.quant.compute_dtype if device == "cuda" else "float32",
+        gpu_budget_gb=None if plan.budget_bytes is None else plan.budget_bytes / est.GB,
+        seed=cfg.train.seed, device=device)
+
+
+def train_setup(settings: ProfileSettings) -> est.TrainSetup:
+    """The estimator's description of the profiled run."""
+    cuda = settings.device == "cuda"
+    return est.TrainSetup(
+        seq_len=settings.seq_len, batch_size=settings.batch_size, rank=settings.rank,
+        targets=settings.targets, optimizer=settings.optimizer,
+        grad_checkpointing=settings.grad_checkpointing,
+        offload_checkpoints=settings.offload_checkpoints and cuda,
+        chunked_loss=_backend(settings) == "triton",
+        compute_bytes=DTYPES[settings.dtype].itemsize,
+        lora_bytes=DTYPES[settings.lora_dtype].itemsize, tiled_mlp=settings.tiled_mlp,
+        compact_norms=settings.compact_norms, embedding_on_host=settings.embedding_on_host,
+        gpu_budget_bytes=None if settings.gpu_budget_gb is None
+        else int(settings.gpu_budget_gb * est.GB),
+        device=settings.device, backend=_backend(settings), cpu_threads=torch.get_num_threads())
+
+
+def _backend(settings: ProfileSettings) -> str:
+    from qlora.ops.backend import get_backend
+
+    return "triton" if get_backend(torch.device(settings.device)) in ("triton", "cuda") else "torch"
 
 
 # ---- the model and the step --------------------------------------------------------------------
-def build_model(config: dict, settings: ProfileSettings, dtype: torch.dtype):
-    """transformers model from ``config`` with random weights, decoder projections replaced by
-    LoRALinear(Linear4bit) (NF4, blocksize 64, double quant); everything else frozen."""
+def build_model(config: dict, settings: ProfileSettings):
+    """transformers model from ``config`` with random weights, quantized to NF4 and given LoRA
+    adapters as ``qlora train`` does, with the settings' memory options and checkpointing."""
     import transformers
 
-    from qlora.quant.nf4 import quantize
-    from qlora.nn import Linear4bit, LoRALinear
+    from qlora.model.inject import add_lora
+    from qlora.model.loading import quantize_model
+    from qlora.ops.offload import enable_checkpointing
+    from qlora.train.memory_options import apply_memory_options
 
     torch.manual_seed(settings.seed)
     hf_config = transformers.AutoConfig.for_model(**config)
     hf_config._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[settings.dtype])
+    quantize_model(model)
     model.requires_grad_(False)
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name, linear in list(block.named_children()):
-                if name not in settings.targets:
-                    continue
-                base = Linear4bit.from_weight(quantize(linear.weight.data), linear.bias)
-                setattr(block, name, LoRALinear(base, r=settings.rank, lora_alpha=settings.alpha))
+    add_lora(model, r=settings.rank, alpha=settings.alpha, target_modules=list(settings.targets))
     model.to(settings.device)
+    apply_memory_options(model, lora_dtype=DTYPES[settings.lora_dtype],
+                         embedding_on_host=settings.embedding_on_host,
+                         tiled_mlp=settings.tiled_mlp, compact_norms=settings.compact_norms)
     if settings.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, offload=settings.offload_checkpoints)
     model.train()
     return model
 
 
-def build_optimizer(params, settings: ProfileSettings):
+def build_optimizer(params, settings: ProfileSettings, budget: Optional[int] = None):
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr)
     from qlora.optim import PagedAdamW
 
     state_dtype = "8bit" if settings.optimizer == "paged_adamw_8bit" else torch.float32
-    return PagedAdamW(params, lr=settings.lr, state_dtype=state_dtype)
+    return PagedAdamW(params, lr=settings.lr, state_dtype=state_dtype, gpu_budget_bytes=budget,
+                      master_weights=settings.lora_dtype != "float32")
 
 
 @dataclass
@@ -131,9 +173,16 @@ class StepPhases:
 
 
 def lora_step(model, optimizer, input_ids: torch.Tensor) -> StepPhases:
-    """Causal-LM step on ``input_ids`` [b, s] (labels = inputs, shifted inside the model)."""
+    """Causal-LM step on ``input_ids`` [b, s] through the training loop's ``LossModule`` (labels:
+    the inputs shifted by one, as the data pipeline gives them)."""
+    from qlora.train.loop import LossModule
+
+    loss_module = LossModule(model)
+    labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
+    n_items = int((labels != -100).sum())
+
     def forward():
-        return model(input_ids=input_ids, labels=input_ids).loss
+        return loss_module(input_ids, labels, n_items)
 
     def optimizer_step():
         optimizer.step()
@@ -144,49 +193,50 @@ def lora_step(model, optimizer, input_ids: torch.Tensor) -> StepPhases:
 
 # ---- meters ------------------------------------------------------------------------------------
 class CpuMeter:
-    """RSS of this process: a sampled timeline and exact per-phase peaks."""
+    """PyTorch's CPU allocations over time, from the profiler's memory events."""
 
     def __init__(self):
-        _prefer_mmap()
-        self.samples = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._hwm_resettable = _reset_peak_rss()
-        tracemalloc.start()
+        import torch.profiler as tp
+
+        self._profiler = tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True)
+        self._phases = []
 
     def start(self):
         self.t0 = time.perf_counter()
-        self._thread.start()
+        self._profiler.__enter__()
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - self.t0, _rss()))
-            time.sleep(0.001)
-
-    def current(self) -> int:
-        return _rss()
-
-    def reset_peak(self):
-        if self._hwm_resettable:
-            _reset_peak_rss()
-        tracemalloc.reset_peak()
-        self._phase_start = time.perf_counter() - self.t0
-
-    def peak(self) -> int:
-        """Peak RSS since reset_peak(): VmHWM where it can be reset, else the sampled maximum."""
-        if self._hwm_resettable:
-            return _peak_rss()
-        start = self._phase_start
-        return max([b for t, b in self.samples if t >= start] + [_rss()])
-
-    def python_heap(self) -> tuple:
-        """(current, peak) bytes of the Python heap (tracemalloc), peak since reset_peak()."""
-        return tracemalloc.get_traced_memory()
+    def phase(self, name):
+        return torch.profiler.record_function(f"phase:{name}")
 
     def stop(self):
-        self._stop.set()
-        self._thread.join()
-        tracemalloc.stop()
+        self._profiler.__exit__(None, None, None)
+        from torch._C._profiler import _EventType
+
+        nodes, stack = [], list(self._profiler.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children)
+        allocations = sorted((n for n in nodes if n.tag == _EventType.Allocation),
+                             key=lambda n: n.start_time_ns)
+        phases = sorted((n for n in nodes if n.tag == _EventType.TorchOp
+                         and n.name.startswith("phase:")), key=lambda n: n.start_time_ns)
+        t_first = phases[0].start_time_ns if phases else 0
+        total, k, self.records, self.samples = 0, 0, {}, []
+        for ph in phases:
+            while k < len(allocations) and allocations[k].start_time_ns < ph.start_time_ns:
+                total += allocations[k].extra_fields.alloc_size
+                k += 1
+            start = peak = total
+            while k < len(allocations) and allocations[k].start_time_ns <= ph.end_time_ns:
+                total += allocations[k].extra_fields.alloc_size
+                peak = max(peak, total)
+                self.samples.append(((allocations[k].start_time_ns - t_first) / 1e9, total))
+                k += 1
+            self.records[ph.name[len("phase:"):]] = {
+                "before": start, "after": total, "peak": peak,
+                "start_s": (ph.start_time_ns - t_first) / 1e9,
+                "end_s": (ph.end_time_ns - t_first) / 1e9}
 
 
 class CudaMeter:
@@ -194,24 +244,30 @@ class CudaMeter:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self.samples = []
-        self.snapshot = None
+        self.records, self.samples, self.snapshot = {}, [], None
 
     def start(self):
         self.t0 = time.perf_counter()
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
 
-    def current(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.memory_allocated(self.device)
+    def phase(self, name):
+        meter = self
 
-    def reset_peak(self):
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        class Phase:
+            def __enter__(self):
+                torch.cuda.synchronize(meter.device)
+                torch.cuda.reset_peak_memory_stats(meter.device)
+                self.before = torch.cuda.memory_allocated(meter.device)
+                self.start = time.perf_counter() - meter.t0
 
-    def peak(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device)
+            def __exit__(self, *exc):
+                torch.cuda.synchronize(meter.device)
+                meter.records[name] = {
+                    "before": self.before, "after": torch.cuda.memory_allocated(meter.device),
+                    "peak": torch.cuda.max_memory_allocated(meter.device),
+                    "start_s": self.start, "end_s": time.perf_counter() - meter.t0}
+
+        return Phase()
 
     def context_bytes(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
@@ -241,49 +297,18 @@ def _trace_timeline(snapshot: dict, device_index: int) -> list:
     return samples
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE_SIZE
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _prefer_mmap() -> None:
-    """glibc: serve allocations >= 64 KiB with mmap so that free() returns them to the OS (the
-    default threshold grows up to 32 MiB, keeping freed tensors resident)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
 # ---- accounting --------------------------------------------------------------------------------
 def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
 def weight_bytes(model) -> dict:
-    """Bytes of the NF4 codes, the NF4 constants, the other base params and the LoRA params."""
+    """Bytes of the NF4 codes and constants, the input embedding, the other base params and the
+    trained params."""
     from qlora.nn import Linear4bit
 
-    out = {"nf4 base weights": 0, "nf4 quant constants": 0, "16-bit params": 0, "lora params": 0}
+    out = {"nf4 base weights": 0, "nf4 quant constants": 0, "input embedding": 0,
+           "16-bit params": 0, "lora params": 0}
     for module in model.modules():
         if isinstance(module, Linear4bit):
             w = module.weight
@@ -291,70 +316,53 @@ def weight_bytes(model) -> dict:
             out["nf4 quant constants"] += sum(
                 _nbytes(t) for t in (w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map,
                                      w.offset) if t is not None)
+    embedding = model.get_input_embeddings().weight
+    out["input embedding"] = _nbytes(embedding)
     for p in model.parameters():
         if p.requires_grad:
             out["lora params"] += _nbytes(p)
-        elif p.dtype.is_floating_point:
+        elif p.dtype.is_floating_point and p is not embedding:
             out["16-bit params"] += _nbytes(p)
     return out
 
 
-def optimizer_bytes(optimizer) -> int:
+def optimizer_bytes(optimizer) -> dict:
+    """{"optimizer states": device bytes, "optimizer states (host)": host bytes}."""
     if hasattr(optimizer, "memory_report"):
         r = optimizer.memory_report()
-        return r["device_bytes"] + r["host_bytes"]
-    return sum(_nbytes(v) for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return {"optimizer states": r["device_bytes"], "optimizer states (host)": r["host_bytes"]}
+    return {"optimizer states": sum(_nbytes(v) for s in optimizer.state.values()
+                                    for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0),
+            "optimizer states (host)": 0}
 
 
-class SavedTensorCounter:
-    """Bytes of the distinct storages autograd saves for backward during a forward, split into
-    those saved before lm_head runs (activations) and from lm_head on (logits and loss, which
-    also counts the logits tensor lm_head returns). Parameters and buffers are excluded: they
-    are counted as weights."""
-
-    def __init__(self, model):
-        self.model = model
-        self.exclude = {_ptr(t) for t in list(model.parameters()) + list(model.buffers())}
-        from qlora.nn import Linear4bit
-
-        for module in model.modules():
-            if isinstance(module, Linear4bit):
-                w = module.weight
-                self.exclude |= {_ptr(t) for t in (w.packed, w.absmax, w.nested_absmax)}
-        self.bytes = {"activations": 0, "logits and loss": 0}
-        self._seen = set()
-        self._region = "activations"
-
-    def _pack(self, t):
-        ptr = _ptr(t)
-        if ptr not in self.exclude and ptr not in self._seen and t.device.type != "meta":
-            self._seen.add(ptr)
-            self.bytes[self._region] += _nbytes(t)
-        return t
-
-    def __enter__(self):
-        head = self.model.get_output_embeddings()
-        self._hooks = [head.register_forward_pre_hook(self._enter_head),
-                       head.register_forward_hook(self._count_logits)]
-        self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._saved.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._saved.__exit__(*exc)
-        for hook in self._hooks:
-            hook.remove()
-
-    def _enter_head(self, *_):
-        self._region = "logits and loss"
-
-    def _count_logits(self, module, args, output):
-        self._pack(output)
+PERSISTENT = ("nf4 base weights", "nf4 quant constants", "input embedding", "16-bit params",
+              "lora params", "optimizer states", "optimizer states (host)")
+BACKWARD_ROWS = ("lora grads", "checkpoint in flight", "recomputed layer", "backward transients")
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def compare(estimate: est.Estimate, measured: dict) -> list:
+    """Rows {name, estimate, measured, relative_error} of every component measured."""
+    def e(*names):
+        return sum(estimate.bytes_of(n) for n in names)
+
+    loss = "loss (chunked)" if estimate.setup.chunked_loss else "logits and loss"
+    rows = [{"name": n, "estimate": e(n), "measured": measured[n]}
+            for n in PERSISTENT + ("lora grads",)]
+    rows += [{"name": "saved for backward", "estimate": e("activations", loss),
+              "measured": measured["saved for backward"]},
+             {"name": "forward transients", "estimate": e("forward transients"),
+              "measured": measured["forward transients"]},
+             {"name": "backward rise", "estimate": e(*BACKWARD_ROWS),
+              "measured": measured["backward rise"]}]
+    if "cuda context" in measured:
+        rows.append({"name": "cuda context", "estimate": e("cuda context"),
+                     "measured": measured["cuda context"]})
+    rows.append({"name": "total peak", "estimate": estimate.gpu_bytes,
+                 "measured": measured["total peak"]})
+    for row in rows:
+        row["relative_error"] = report.relative_error(row["estimate"], row["measured"])
+    return rows
 
 
 # ---- the profile -------------------------------------------------------------------------------
@@ -372,96 +380,64 @@ def run_profile(settings: ProfileSettings, steps: int = 3, out_dir: str = ".",
     os.makedirs(out_dir, exist_ok=True)  # before the steps, so a bad --out fails at once
     config, source = est.load_config(settings.model)
     device = torch.device(settings.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    import transformers  # noqa: F401  (imported before the meter starts: library load is not the model's)
+    setup = train_setup(settings)
+    estimate = est.estimate(config, setup, source)
+    budget = est.optimizer_device_budget(estimate) if setup.gpu_budget_bytes is not None else None
 
-    meter = CudaMeter(device) if device.type == "cuda" else CpuMeter()
-    meter.start()
-    phases, records = [], []
-
-    def phase(name, fn, *args):
-        meter.reset_peak()
-        before = meter.current()
-        start = time.perf_counter() - meter.t0
-        value = fn(*args)
-        after = meter.current()
-        phases.append((name, start, time.perf_counter() - meter.t0))
-        records.append({"phase": name, "before": before, "after": after, "peak": meter.peak()})
-        return value
-
-    baseline = meter.current()
-    model = phase("load", build_model, config, settings, dtype)
+    model = build_model(config, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, settings)
+    optimizer = build_optimizer(trainable, settings, budget)
     generator = torch.Generator().manual_seed(settings.seed)
-    vocab = config["vocab_size"]
-    input_ids = torch.randint(0, vocab, (settings.batch_size, settings.seq_len),
+    input_ids = torch.randint(0, config["vocab_size"], (settings.batch_size, settings.seq_len),
                               generator=generator).to(device)
     step = make_step(model, optimizer, input_ids)
 
-    measured = weight_bytes(model)
+    meter = CudaMeter(device) if device.type == "cuda" else CpuMeter()
+    meter.start()
     for k in range(steps):
-        step_start = meter.current()
-        with SavedTensorCounter(model) as saved:
-            loss = phase(f"forward {k}", step.forward)
-        phase(f"backward {k}", step.backward, loss)
+        with meter.phase(f"forward {k}"):
+            loss = step.forward()
+        with meter.phase(f"backward {k}"):
+            step.backward(loss)
         grads = sum(_nbytes(p.grad) for p in trainable if p.grad is not None)
-        phase(f"optimizer {k}", step.optimizer_step)
+        with meter.phase(f"optimizer {k}"):
+            step.optimizer_step()
         del loss
-        step_records = records[-3:]
-    step_peak_rise = max(r["peak"] for r in step_records) - step_start
-    measured["lora grads"] = grads
-    measured["optimizer states"] = optimizer_bytes(optimizer)
-    measured.update(saved.bytes)
-    python_heap = meter.python_heap() if device.type == "cpu" else None
     meter.stop()
-
-    setup = est.TrainSetup(seq_len=settings.seq_len, batch_size=settings.batch_size,
-                           rank=settings.rank, targets=settings.targets,
-                           optimizer=settings.optimizer,
-                           grad_checkpointing=settings.grad_checkpointing,
-                           compute_bytes=dtype.itemsize,
-                           lora_bytes=trainable[0].dtype.itemsize, device=device.type)
-    estimate = est.estimate(config, setup, source)
-    persistent = ("nf4 base weights", "nf4 quant constants", "16-bit params", "lora params",
-                  "optimizer states")
-    rows = [{"name": n, "estimate": estimate.bytes_of(n), "measured": measured[n]}
-            for n in persistent + ("lora grads", "activations", "logits and loss")]
-    # What one step adds on top of the persistent state, at its peak: measured as the rise of
-    # the meter over the step's start; estimated as every other GPU row.
-    step_estimate = sum(c.bytes for c in estimate.components
-                        if c.device == "gpu" and c.name not in persistent + ("cuda context",))
-    rows.append({"name": "step peak rise", "estimate": step_estimate, "measured": step_peak_rise})
-    measured_total = sum(measured[n] for n in persistent) + step_peak_rise
-    context = 0
+    last = steps - 1
+    fwd, bwd = meter.records[f"forward {last}"], meter.records[f"backward {last}"]
+    measured = {**weight_bytes(model), **optimizer_bytes(optimizer), "lora grads": grads,
+                "saved for backward": fwd["after"] - fwd["before"],
+                "forward transients": fwd["peak"] - fwd["after"],
+                "backward rise": bwd["peak"] - bwd["before"]}
+    device_rows = {c.name for c in estimate.components if c.device == "gpu"}
+    on_device = sum(measured[n] for n in PERSISTENT if n in device_rows)
+    measured["total peak"] = on_device + max(fwd["peak"] - fwd["before"],
+                                             measured["saved for backward"] + measured["backward rise"])
     if device.type == "cuda":
-        context = meter.context_bytes()
-        rows.append({"name": "cuda context", "estimate": estimate.bytes_of("cuda context"),
-                     "measured": context})
-    rows.append({"name": "total peak", "estimate": estimate.gpu_bytes,
-                 "measured": measured_total + context})
-    for row in rows:
-        row["relative_error"] = report.relative_error(row["estimate"], row["measured"])
+        measured["cuda context"] = meter.context_bytes()
+        measured["total peak"] += measured["cuda context"]
+    rows = compare(estimate, measured)
 
     files = [os.path.join(out_dir, n) for n in
              ("memory_report.json", "memory_timeline.png", "memory_breakdown.png")]
     title = f"{settings.model} seq {settings.seq_len} x batch {settings.batch_size} on {device.type}"
-    meter_name = "CUDA allocator (allocated)" if device.type == "cuda" else "process RSS"
+    meter_name = "CUDA allocator (allocated)" if device.type == "cuda" else "CPU allocator (allocated)"
     data = {
         "settings": {**asdict(settings), "targets": list(settings.targets)},
-        "device": device.type, "dtype": str(dtype), "meter": meter_name,
-        "baseline_bytes": baseline, "phases": records,
-        "components": rows, "estimate_components": [vars(c) for c in estimate.components],
+        "device": device.type, "meter": meter_name,
+        "phases": [{"phase": name, **record} for name, record in meter.records.items()],
+        "components": rows,
+        "estimate_components": [{**vars(c), "phases": list(c.phases)} for c in estimate.components],
     }
-    if python_heap is not None:
-        data["python_heap_bytes"] = {"current": python_heap[0], "peak": python_heap[1]}
     with open(files[0], "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
-    # The plot starts at the first step; on the CPU, RSS is drawn relative to the RSS there.
-    first = phases[1][1]
-    origin = records[1]["before"] if device.type == "cpu" else 0
+    phases = [(name, r["start_s"], r["end_s"]) for name, r in meter.records.items()]
+    first = phases[3][1] if len(phases) > 3 else 0.0   # the plot starts at the second step
+    origin = meter.records["forward 1"]["before"] if device.type == "cpu" else 0
     timeline = [(t, b - origin) for t, b in meter.samples if t >= first]
-    report.plot_timeline(timeline, phases[1:], files[1], f"{meter_name}: {title}")
+    report.plot_timeline(timeline, [p for p in phases if p[1] >= first], files[1],
+                         f"{meter_name}: {title}")
     report.plot_breakdown(rows, files[2], f"estimate vs measured: {title}")
     if device.type == "cuda":
         import pickle

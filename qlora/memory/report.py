@@ -1,5 +1,5 @@
 """Text tables, JSON dicts and plots of memory estimates and profiles (GB = 10^9 bytes)."""
-from qlora.memory.estimate import GB, Estimate
+from qlora.memory.estimate import GB, PHASES, Estimate
 
 
 def gb(n: int) -> str:
@@ -13,7 +13,9 @@ def estimate_dict(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: in
         "architecture": vars(arch),
         "setup": {**vars(setup), "targets": list(setup.targets)},
         "params": {**vars(est.params), "base_total": est.params.base_total},
-        "components": [vars(c) for c in est.components],
+        "components": [{**vars(c), "phases": list(c.phases)} for c in est.components],
+        "phase_gpu_bytes": {phase: est.phase_bytes(phase) for phase in PHASES},
+        "peak_phase": est.peak_phase,
         "total_gpu_bytes": est.gpu_bytes,
         "total_host_bytes": est.host_bytes,
         "gpu_budget_bytes": gpu_bytes,
@@ -23,22 +25,35 @@ def estimate_dict(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: in
     }
 
 
+def _phases(phases: tuple) -> str:
+    if tuple(phases) == PHASES:
+        return "all"
+    return "+".join({"forward": "fwd", "backward": "bwd", "optimizer": "opt"}[p] for p in phases)
+
+
 def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: int) -> str:
-    """The human-readable estimate: components, total, fit, largest fit, method comparison."""
+    """The human-readable estimate: components with the phases they are alive in, the peak of
+    each phase, fit, largest fit, method comparison."""
     s = est.setup
     ckpt = "on" + (", offloaded" if s.offload_checkpoints else "") if s.grad_checkpointing else "off"
-    ckpt += ", chunked loss" if s.chunked_loss else ""
+    options = [name for name, on in (("chunked loss", s.chunked_loss),
+                                     (f"tiled MLP {s.tiled_mlp}", s.tiled_mlp),
+                                     ("compact norms", s.compact_norms),
+                                     ("embedding on host", s.embedding_on_host),
+                                     ("16-bit LoRA + fp32 masters", s.master_weights)) if on]
     lines = [f"QLoRA memory estimate: {est.architecture.model_type}, "
              f"{est.params.base_total / 1e9:.2f}B params, seq_len {s.seq_len} x batch "
              f"{s.batch_size}, rank {s.rank}, {s.optimizer}, checkpointing {ckpt}"
+             + "".join(f", {o}" for o in options)
              + (f"; per GPU, FSDP2 over {s.gpus} GPUs" if s.gpus > 1 else ""),
-             "", f"{'component':<26}{'GB':>10}  {'where':<6} formula"]
+             "", f"{'component':<26}{'GB':>10}  {'where':<5} {'alive':<8} formula"]
     for c in est.components:
-        where = c.device + ("*" if c.peak_only else "")
-        lines.append(f"{c.name:<26}{gb(c.bytes):>10}  {where:<6} {c.formula}")
-    lines += [f"{'total on GPU (peak)':<26}{gb(est.gpu_bytes):>10}",
-              f"{'total on host':<26}{gb(est.host_bytes):>10}",
-              "(* transient: alive only during part of the step)", ""]
+        lines.append(f"{c.name:<26}{gb(c.bytes):>10}  {c.device:<5} {_phases(c.phases):<8} "
+                     f"{c.formula}")
+    for phase in PHASES:
+        lines.append(f"{'peak of the ' + phase:<26}{gb(est.phase_bytes(phase)):>10}  gpu")
+    lines += [f"{'total on GPU (peak)':<26}{gb(est.gpu_bytes):>10}  ({est.peak_phase})",
+              f"{'total on host':<26}{gb(est.host_bytes):>10}", ""]
     verdict = "fits" if est.gpu_bytes <= gpu_bytes else "does NOT fit"
     lines.append(f"{verdict} in {gb(gpu_bytes)} GB")
     lines.append(f"largest seq_len at batch {fit['at_batch_size']}: {fit['max_seq_len']}; "
@@ -47,6 +62,22 @@ def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: i
     for row in comparison_rows:
         lines.append(f"{row['method']:<41}{gb(row['with_checkpointing']):>10}"
                      f"{gb(row['without_checkpointing']):>12}")
+    return "\n".join(lines)
+
+
+def max_context_table(rows: list, source: str, budget: int, setup) -> str:
+    """The --max-context ladder: each option, the longest sequence with it and those above, the
+    tokens it added, and the longest sequence with every option but it."""
+    lines = [f"longest sequence at batch 1 in {gb(budget)} GB: {source}, rank {setup.rank}, "
+             f"{setup.optimizer}, compute {8 * setup.compute_bytes}-bit",
+             "", f"{'option (added in this order)':<52}{'max seq_len':>12}{'gained':>10}"
+                 f"{'without it':>12}"]
+    for row in rows:
+        gained = "" if row["gained"] is None else f"{row['gained']:+d}"
+        without = "" if row["without"] is None else str(row["without"])
+        lines.append(f"{row['option']:<52}{row['max_seq_len']:>12}{gained:>10}{without:>12}")
+    lines.append("")
+    lines.append(f"best: {rows[-1]['max_seq_len']} tokens with every option above")
     return "\n".join(lines)
 
 

@@ -35,6 +35,15 @@ def auto_budget_bytes(state_bytes_on_device: int, free_bytes: int, total_bytes: 
     return max(0, state_bytes_on_device + free_bytes - headroom)
 
 
+def resident_pages(n_pages: int, page_bytes: int, budget_bytes: int) -> int:
+    """How many of ``n_pages`` stay on the device under a budget of ``budget_bytes``: all when
+    they fit, else as many as fit beside the two-page double buffer the spilled ones stream
+    through (the memory estimate places the optimizer's pages with this same rule)."""
+    if budget_bytes >= n_pages * page_bytes:
+        return n_pages
+    return max(0, budget_bytes // page_bytes - 2)
+
+
 class PagePool:
     """``n_pages`` pages of ``page_bytes`` bytes each, zero-initialised.
 
@@ -84,9 +93,7 @@ class PagePool:
             budget = auto_budget_bytes(self._state_bytes_on_device(), free, total)
         else:
             budget = self.budget
-        if budget >= self.n_pages * self.page_bytes:
-            return self.n_pages
-        return max(0, budget // self.page_bytes - 2)  # two pages go to the double buffer
+        return resident_pages(self.n_pages, self.page_bytes, budget)
 
     def _ensure_slots(self):
         spilled = any(p is None for p in self._device_pages)

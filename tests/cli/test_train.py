@@ -25,7 +25,8 @@ def test_builtin_run_learns_saves_and_generates(tmp_path):
                   "--set", "train.eval_every=20"], tmp_path)
     assert run.returncode == 0, run.stderr
     out_dir = tmp_path / "runs" / "tiny"
-    for line in ("answer before:", "answer after:", "expected answer:",
+    for line in ("memory plan: llama, seq_len 64 x batch 16, rank 64, paged_adamw",
+                 "CPU run: no device budget", "answer before:", "answer after:", "expected answer:",
                  "held-out exact match before: 0/60 (0%)", "held-out exact match after:",
                  "adapter (PEFT format): runs/tiny/adapter"):
         assert line in run.stdout, run.stdout
