@@ -128,19 +128,28 @@ def _backend(settings: ProfileSettings) -> str:
 # ---- the model and the step --------------------------------------------------------------------
 def build_model(config: dict, settings: ProfileSettings):
     """transformers model from ``config`` with random weights, quantized to NF4 and given LoRA
-    adapters as ``qlora train`` does, with the settings' memory options and checkpointing."""
+    adapters as ``qlora train`` does, with the settings' memory options and checkpointing. A
+    preset on CUDA is built one decoder layer at a time on the device (``qlora bench train``'s
+    builder), so a 70B model never exists in 16 bits."""
     import transformers
 
     from qlora.model.inject import add_lora
     from qlora.model.loading import quantize_model
+    from qlora.model.presets import list_presets
     from qlora.ops.offload import enable_checkpointing
     from qlora.train.memory_options import apply_memory_options
 
     torch.manual_seed(settings.seed)
-    hf_config = transformers.AutoConfig.for_model(**config)
-    hf_config._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[settings.dtype])
-    quantize_model(model)
+    dtype = DTYPES[settings.dtype]
+    if settings.device == "cuda" and settings.model in list_presets():
+        from qlora.bench.train import build_model as random_weights_model
+
+        model = random_weights_model(settings.model, "qlora", torch.device(settings.device), dtype)
+    else:
+        hf_config = transformers.AutoConfig.for_model(**config)
+        hf_config._attn_implementation = "sdpa"
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        quantize_model(model)
     model.requires_grad_(False)
     add_lora(model, r=settings.rank, alpha=settings.alpha, target_modules=list(settings.targets))
     model.to(settings.device)

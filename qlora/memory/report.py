@@ -55,7 +55,8 @@ def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: i
     lines += [f"{'total on GPU (peak)':<26}{gb(est.gpu_bytes):>10}  ({est.peak_phase})",
               f"{'total on host':<26}{gb(est.host_bytes):>10}", ""]
     verdict = "fits" if est.gpu_bytes <= gpu_bytes else "does NOT fit"
-    lines.append(f"{verdict} in {gb(gpu_bytes)} GB")
+    lines.append(f"{verdict} in {gb(gpu_bytes)} GB; besides the optimizer's pages the step needs "
+                 f"{gb(est.gpu_bytes - est.bytes_of('optimizer states'))} GB on the GPU")
     lines.append(f"largest seq_len at batch {fit['at_batch_size']}: {fit['max_seq_len']}; "
                  f"largest batch at seq_len {fit['at_seq_len']}: {fit['max_batch_size']}")
     lines += ["", f"{'same model, same seq_len x batch, 1 GPU':<41}{'ckpt GB':>10}{'no ckpt GB':>12}"]
