@@ -130,8 +130,10 @@ def plan_run(cfg: Config, budget: Optional[int], device: str, budget_source: str
     """Decide the config's "auto" memory options (see the module docstring); ``cfg`` is left
     as it is (``apply`` writes the decisions into it)."""
     config, source = model_config(cfg.model.name_or_path)
-    auto = [(key, on, off) for key, on, off in LADDER if _get(cfg, key) == AUTO]
-    choices = {key: off for key, _, off in auto}
+    auto = [(key, on, off) for key, on, off in LADDER if _get(cfg, key) == AUTO
+            # AdaLoRA trains in fp32 (qlora.train.memory_options.lora_dtype)
+            and not (key == "lora.dtype" and cfg.lora.type == "adalora")]
+    choices = {key: off for key, _, off in LADDER if _get(cfg, key) == AUTO}
     trial = replace_config(cfg, choices)
     e = est.estimate(config, train_setup(trial, device, budget), source)
     if budget is not None:

@@ -19,7 +19,12 @@ def resolved(value, off):
 
 
 def lora_dtype(cfg: Config) -> torch.dtype:
-    return DTYPES[resolved(cfg.lora.dtype, "float32")]
+    dtype = DTYPES[resolved(cfg.lora.dtype, "float32")]
+    if dtype != torch.float32 and cfg.lora.type == "adalora":
+        # AdaLoRA masks its singular values in place after each step; the optimizer's masters
+        # would put them back
+        raise ValueError(f"lora.dtype {cfg.lora.dtype}: lora.type adalora trains in float32")
+    return dtype
 
 
 def memory_options(cfg: Config) -> dict:

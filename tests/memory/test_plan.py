@@ -94,3 +94,9 @@ def test_estimate_targets(targets, expected):
     from qlora.memory.plan import estimate_targets
 
     assert estimate_targets(targets) == expected
+
+
+def test_adalora_keeps_fp32_adapters():
+    cfg = resolve_config(None, LONG + ["lora.type=adalora", "train.max_steps=100"])
+    plan = plan_run(cfg, 10**6, "cuda", "a test")
+    assert plan.choices["lora.dtype"] == "float32"
