@@ -1,4 +1,4 @@
-"""Closed-form GPU memory estimate of one QLoRA training step, one row per component.
+"""GPU memory estimate of one QLoRA training step, one row per component, in exact integers.
 
 Notation (used in every formula below):
     h  hidden_size            i  intermediate_size        L  num_hidden_layers
@@ -17,13 +17,11 @@ Sources:
   [Korthikanti] Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
            Models", §4.1: count, per layer, the bytes of every tensor autograd keeps for backward.
            Their closed form sbh(34 + 5·nh·s/h) is for GPT (GeLU MLP of 4h, dropout, eager
-           attention); the per-tensor list below applies the same method to the Llama layer
-           (RMSNorm, SwiGLU, rotary, SDPA/flash attention with no s×s tensor, no dropout) with
-           frozen base weights and LoRA adapters. The list was checked tensor by tensor against
-           ``torch.autograd.graph.saved_tensors_hooks`` on transformers' LlamaForCausalLM (see
-           tests/test_memory_profile.py): frozen linears save no input (PyTorch saves an operand
-           only when the other one needs a gradient), and the SDPA output is already laid out as
-           (b, s, nh, d), so o_proj reuses it.
+           attention); ``layer_activation_bytes_per_token`` applies the same method to the Llama
+           layer (RMSNorm, SwiGLU, rotary, SDPA/flash attention with no s×s tensor, no dropout),
+           and the replay below keeps exactly those tensors: frozen linears save no input
+           (PyTorch saves an operand only when the other one needs a gradient), and the SDPA
+           output is already laid out as (b, s, nh, d), so o_proj reuses it.
   [ZeRO]   Rajbhandari et al. 2020, "ZeRO", §3.1: mixed-precision Adam keeps 2 + 2 + 12 = 16
            bytes per parameter (16-bit weights and grads, fp32 master weights, fp32 m and v).
   [paged]  qlora.optim.PagedAdamW: moments packed in pages of ``DEFAULT_PAGE_BYTES``, every
