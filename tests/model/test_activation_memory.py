@@ -1,5 +1,6 @@
 """Tiled MLP and compact norms on a QLoRA Llama: the same loss and LoRA gradients as without
-them, alone, together and under checkpointing, at a long sequence for the model's size.
+them, alone, together and under checkpointing with the input embedding in host memory, at a
+long sequence for the model's size.
 
 Tolerance (the flash-attention way): every run is compared with the same model evaluated in
 fp64 (its RMSNorms still upcast to fp32 internally, as Hugging Face writes them), and a run with
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora.model.activation_memory import (disable_activation_patches, enable_compact_norms,
                                            enable_tiled_mlp)
+from qlora.model.host_embedding import move_embedding_to_host
 from qlora.model.inject import add_lora
 from qlora.model.loading import quantize_model
 from qlora.ops.offload import disable_checkpointing, enable_checkpointing
@@ -56,7 +58,9 @@ def plain():
 
 
 OPTIONS = {"tiled": dict(tiled=32), "compact": dict(compact=True),
-           "tiled+compact+checkpointing": dict(tiled=32, compact=True, checkpointing=True)}
+           "tiled+compact+checkpointing+host embedding": dict(tiled=32, compact=True,
+                                                              checkpointing=True,
+                                                              host_embedding=True)}
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -69,6 +73,8 @@ def test_memory_options_give_the_plain_gradients(name, reference, plain):
         assert enable_compact_norms(model) == 5  # two per layer and the final norm
     if options.get("checkpointing"):
         enable_checkpointing(model, offload=False)
+    if options.get("host_embedding"):
+        assert move_embedding_to_host(model) == 64 * 32 * 4
     got = loss_and_grads(model, torch.float32)
     assert got.keys() == reference.keys() and len(got) == 1 + 2 * 7 * 2
     for key, exact in reference.items():
@@ -78,7 +84,7 @@ def test_memory_options_give_the_plain_gradients(name, reference, plain):
     disable_activation_patches(model)
     disable_checkpointing(model)
     again = loss_and_grads(model, torch.float32)
-    for key in plain:  # unpatched: the plain run, bit for bit
+    for key in plain:  # unpatched (the host embedding is exact): the plain run, bit for bit
         assert torch.equal(again[key], plain[key]), key
 
 

@@ -152,3 +152,26 @@ def test_fused_kernels_switch_patches_the_model_or_names_the_key(tmp_path, monke
     trainer = Trainer(_cfg(tmp_path / "triton", "model.fused_kernels=true"))
     layers = trainer.model.config.num_hidden_layers
     assert trainer.patched == {"rms_norm": 2 * layers + 1, "swiglu": layers, "rope": layers}
+
+
+def test_the_memory_plan_places_the_optimizer_pages_as_estimated(tmp_path):
+    """`qlora train` hands the plan to the run: the optimizer gets the plan's device budget and
+    puts as many pages in host memory as the estimate did, and the run trains with the "auto"
+    options the plan turned on (a budget nothing fits: the host embedding among them) and the
+    16-bit adapters the config asks for, their fp32 masters in the pages."""
+    from qlora.memory.plan import plan_for_run
+    from qlora.model.host_embedding import HostEmbedding
+    from qlora.optim import PagedAdamW
+
+    cfg = _cfg(tmp_path, "train.gpu_memory_gb=0.001", "lora.dtype=bfloat16")
+    plan = plan_for_run(cfg)
+    assert plan.choices["model.embedding_on_host"] is True and cfg.model.embedding_on_host is True
+    trainer = Trainer(cfg, plan=plan)
+    assert isinstance(trainer.model.get_input_embeddings(), HostEmbedding)
+    assert isinstance(trainer.optimizer, PagedAdamW) and trainer.optimizer.master_weights
+    assert trainer.optimizer.gpu_budget_bytes == plan.optimizer_budget_bytes is not None
+    trainer.train_step()
+    report = trainer.optimizer.memory_report()
+    host = plan.estimate.bytes_of("optimizer states (host)")
+    assert report["page_bytes"] * report["pages_on_host"] == host > 0
+    assert all(p.dtype == torch.bfloat16 for p in trainer.params)
