@@ -59,6 +59,29 @@ def test_updates_below_bf16_resolution_move_the_master(budget):
         assert torch.equal(q.detach(), torch.ones_like(q))          # the plain bf16 run: stuck
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, "8bit"])
+@pytest.mark.parametrize("budget", [None, 0])
+def test_the_master_takes_the_update_an_fp32_parameter_would(state_dtype, budget):
+    """With masters, the update runs on the fp32 master with the gradient upcast: the same
+    kernel on the same numbers as a run whose parameters are fp32 from the start, so the master
+    equals that run's parameter bit for bit and the 16-bit parameter is its rounding."""
+    ours = bf16_params()
+    theirs = [p.detach().float().requires_grad_() for p in ours]
+    opt = PagedAdamW(ours, lr=1e-2, page_bytes=PAGE_BYTES, state_dtype=state_dtype,
+                     gpu_budget_bytes=budget, master_weights=True)
+    fp32 = PagedAdamW(theirs, lr=1e-2, page_bytes=PAGE_BYTES, state_dtype=state_dtype)
+    for seed in range(4):
+        set_grads(ours, seed)
+        for p, q in zip(ours, theirs):
+            q.grad = p.grad.float()
+        opt.step()
+        fp32.step()
+    masters = opt.master_weights_cpu()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(masters[p], q.detach())
+        assert torch.equal(p.detach(), q.detach().to(torch.bfloat16))
+
+
 def test_resume_from_the_state_dict_is_exact():
     ours, again = bf16_params(), bf16_params()
     opt = PagedAdamW(ours, lr=1e-2, page_bytes=PAGE_BYTES, master_weights=True)
