@@ -345,8 +345,15 @@ def optimizer_bytes(optimizer) -> dict:
             "optimizer states (host)": 0}
 
 
+def dequant_scratch_bytes(device: torch.device) -> dict:
+    """{"dequant scratch": bytes of the dense path's shared buffer on ``device``}."""
+    from qlora.ops.fused import dequant_buffer_bytes
+
+    return {"dequant scratch": dequant_buffer_bytes(device) if device.type == "cuda" else 0}
+
+
 PERSISTENT = ("nf4 base weights", "nf4 quant constants", "input embedding", "16-bit params",
-              "lora params", "optimizer states", "optimizer states (host)")
+              "lora params", "dequant scratch", "optimizer states", "optimizer states (host)")
 BACKWARD_ROWS = ("lora grads", "checkpoint in flight", "recomputed layer", "backward transients")
 
 
@@ -415,7 +422,8 @@ def run_profile(settings: ProfileSettings, steps: int = 3, out_dir: str = ".",
     meter.stop()
     last = steps - 1
     fwd, bwd = meter.records[f"forward {last}"], meter.records[f"backward {last}"]
-    measured = {**weight_bytes(model), **optimizer_bytes(optimizer), "lora grads": grads,
+    measured = {**weight_bytes(model), **dequant_scratch_bytes(device), **optimizer_bytes(optimizer),
+                "lora grads": grads,
                 "saved for backward": fwd["after"] - fwd["before"],
                 "forward transients": fwd["peak"] - fwd["after"],
                 "backward rise": bwd["peak"] - bwd["before"]}

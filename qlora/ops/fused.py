@@ -69,6 +69,14 @@ class _NF4Fields:
 _dequant_buffers = {}  # (device, dtype) -> flat buffer shared by every layer's dense path
 
 
+def dequant_buffer_bytes(device) -> int:
+    """Bytes the dense path's shared dequantization buffers hold on ``device`` (the memory
+    profile counts them)."""
+    device = torch.device(device)
+    return sum(b.numel() * b.element_size() for (d, _), b in _dequant_buffers.items()
+               if torch.device(d).type == device.type)
+
+
 def _dequant_buffer(numel: int, device, dtype) -> torch.Tensor:
     key = (device, dtype)
     if key not in _dequant_buffers or _dequant_buffers[key].numel() < numel:

@@ -156,6 +156,19 @@ def test_16_bit_lora_with_fp32_masters():
         replace(setup, optimizer="adamw")
 
 
+def test_the_dense_path_scratch_is_the_largest_layer_once():
+    """On CUDA with the Triton backend the dense path dequantizes into one shared buffer: a bytes
+    per weight of the largest projection (llama-2-70b: down_proj, 8192·28672 in bf16); the torch
+    backend and the CPU have none."""
+    llama = load_preset("llama-2-70b")
+    cuda = est.estimate(llama, est.TrainSetup(rank=64))
+    assert cuda.bytes_of("dequant scratch") == 2 * 8192 * 28672
+    for setup in (est.TrainSetup(rank=64, backend="torch"), est.TrainSetup(rank=64, device="cpu")):
+        e = est.estimate(llama, setup)
+        assert e.bytes_of("dequant scratch") == 0
+        assert "dequant scratch" not in {c.name for c in e.components}
+
+
 def test_the_budget_places_optimizer_pages_as_the_pool_does():
     from qlora.optim.pages import resident_pages
 
