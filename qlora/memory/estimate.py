@@ -514,9 +514,9 @@ def estimate(config: dict, setup: TrainSetup, source: str = "config") -> Estimat
         Component("lora params", lb * sum(lora_numels), "gpu", "lora_bytes·L·Σ r·(in+out)" + per_gpu),
     ]
     if setup.device == "cuda" and setup.linear_backend == "triton":
-        # qlora.ops.fused's dense path (dequantize W0 + cuBLAS, where the path table prefers it:
-        # every M > 16 on sm_90) dequantizes into one buffer shared by all layers, kept once
-        # allocated; counted whether or not the path is taken (the estimate does not know the GPU)
+        # qlora.ops.fused's dense path (dequantize W0 + cuBLAS, where the path table prefers it)
+        # dequantizes into one buffer shared by all layers, kept once allocated; counted whether
+        # or not a layer takes that path (the estimate does not know the GPU's path table)
         est.components.append(Component(
             "dequant scratch", a * max(k * n for k, n, _ in shapes.values()), "gpu",
             "a·max(n·k): the dense path's dequantized W0, one buffer for every layer"))
