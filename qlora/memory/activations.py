@@ -10,9 +10,9 @@ maximum. Tensors are named only for the reader; sizes are bytes for all N tokens
 
 What the replay follows, per op (checked op by op against the allocation trace of
 ``torch.profiler`` on CPU, see tests/memory/test_profile.py):
-  linear, "torch" backend (qlora.ops.functional): base output W0·x, then the LoRA branch
-        A·x (a·r, saved), B(A·x), its scaling and the sum; backward: the scaled gradient,
-        d(A·x), the LoRA and base input gradients and their sum.
+  linear, "torch" backend (qlora.ops.functional): the LoRA term s·B(A·x) (A·x, a·r, saved),
+        then W0 dequantized and W0·x accumulated into it in place; backward: the base input
+        gradient, d(A·x), the LoRA input gradient and their sum.
   linear, "triton" backend (qlora.ops.fused): S = A·x (saved) and the output in one launch;
         backward: G = dY·B (a·r) and dX in one launch.
   RMSNorm, Hugging Face: fp32 copy of x (saved), its square, x·r (fp32), the cast, the output.
@@ -104,11 +104,16 @@ class Dims:
 # ---- linear layers -------------------------------------------------------------------------------
 def _dequantize(t: Tape, name: str, k: int, n: int, a: int) -> None:
     """qlora.quant.nf4's dequantize of an [n, k] weight, leaving the dense f"{name}.w" (a·n·k):
-    at its peak the uint8 codes (1 byte per weight), and three fp32 tensors (values, scales,
-    products) or the int64 index with the values: 13 bytes per weight."""
-    t.new(f"{name}.deq", 13 * n * k)
-    t.drop(f"{name}.deq")
-    t.new(f"{name}.w", a * n * k)
+    the packed bytes as int32 indices (2 bytes per weight) and the gathered int64 value pairs (4
+    bytes per weight, then the fp32 values themselves), cast to the compute dtype."""
+    t.new(f"{name}.index", 2 * n * k)
+    t.new(f"{name}.pairs", 4 * n * k)
+    t.drop(f"{name}.index")
+    if a < 4:
+        t.new(f"{name}.w", a * n * k)
+        t.drop(f"{name}.pairs")
+    else:
+        t.rename(f"{name}.pairs", f"{name}.w")
 
 
 def linear_forward(t: Tape, d: Dims, name: str, k: int, n: int, rows: int, grad: bool) -> None:
@@ -124,20 +129,22 @@ def linear_forward(t: Tape, d: Dims, name: str, k: int, n: int, rows: int, grad:
         if adapted and not grad:
             t.drop(f"{name}.ax", f"{name}.copies")
         return
-    _dequantize(t, name, k, n, a)
-    t.new(f"{name}.out", a * n * rows)       # W0·x, becomes the sum's storage in this count
-    t.drop(f"{name}.w")
     if not adapted:
+        _dequantize(t, name, k, n, a)
+        t.new(f"{name}.out", a * n * rows)       # W0·x
+        t.drop(f"{name}.w")
         return
+    # qlora.ops.functional.nf4_lora_linear: the LoRA term first (addmm with beta = 0 into a new
+    # tensor, its empty first argument allocated too), then W0·x accumulated into it in place
     t.new(f"{name}.copies", d.lora_copy(k, n))
     t.new(f"{name}.ax", a * r * rows)
-    t.new(f"{name}.bax", a * n * rows)
+    t.new(f"{name}.empty", a * n * rows)
+    t.new(f"{name}.out", a * n * rows)
+    t.drop(f"{name}.empty")
     if not grad:
         t.drop(f"{name}.ax")
-    t.new(f"{name}.scaled", a * n * rows)
-    t.drop(f"{name}.bax")
-    t.new(f"{name}.sum", a * n * rows)
-    t.drop(f"{name}.scaled", f"{name}.sum")  # the sum replaces W0·x: one a·n·rows stays
+    _dequantize(t, name, k, n, a)
+    t.drop(f"{name}.w")
     if not grad:
         t.drop(f"{name}.copies")
 
@@ -161,15 +168,15 @@ def linear_backward(t: Tape, d: Dims, name: str, k: int, n: int, rows: int, dy: 
         t.new(f"{name}.dx", a * k * rows)
         t.drop(f"{name}.w", dy, *last_use)
         return
-    t.new(f"{name}.dbax", a * n * rows)       # s·dY
+    _dequantize(t, name, k, n, a)               # the base GEMM's backward first
+    t.new(f"{name}.dx_base", a * k * rows)
+    t.drop(f"{name}.w")
+    t.new(f"{name}.dax_mm", a * r * rows)       # addmm's backward: dY·B, then times s
     t.new(f"{name}.dax", a * r * rows)
-    t.drop(f"{name}.dbax", f"{name}.ax")
+    t.drop(f"{name}.dax_mm", dy, f"{name}.ax")
     t.new(f"{name}.dx_lora", a * k * rows)
     t.drop(f"{name}.dax", *last_use)
-    _dequantize(t, name, k, n, a)
-    t.new(f"{name}.dx_base", a * k * rows)
-    t.drop(f"{name}.w", dy)
-    t.new(f"{name}.dx", a * k * rows)         # autograd sums the two input gradients
+    t.new(f"{name}.dx", a * k * rows)           # autograd sums the two input gradients
     t.drop(f"{name}.dx_base", f"{name}.dx_lora", f"{name}.copies")
 
 
