@@ -131,8 +131,10 @@ def plan_run(cfg: Config, budget: Optional[int], device: str, budget_source: str
     as it is (``apply`` writes the decisions into it)."""
     config, source = model_config(cfg.model.name_or_path)
     auto = [(key, on, off) for key, on, off in LADDER if _get(cfg, key) == AUTO
-            # AdaLoRA trains in fp32 (qlora.train.memory_options.lora_dtype)
-            and not (key == "lora.dtype" and cfg.lora.type == "adalora")]
+            # AdaLoRA trains in fp32 (qlora.train.memory_options.lora_dtype), and only
+            # paged_adamw keeps the fp32 masters of 16-bit adapters (qlora.train.optimizer)
+            and not (key == "lora.dtype" and (cfg.lora.type == "adalora"
+                                              or cfg.optim.name != "paged_adamw"))]
     choices = {key: off for key, _, off in LADDER if _get(cfg, key) == AUTO}
     trial = replace_config(cfg, choices)
     e = est.estimate(config, train_setup(trial, device, budget), source)

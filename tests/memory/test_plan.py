@@ -100,3 +100,12 @@ def test_adalora_keeps_fp32_adapters():
     cfg = resolve_config(None, LONG + ["lora.type=adalora", "train.max_steps=100"])
     plan = plan_run(cfg, 10**6, "cuda", "a test")
     assert plan.choices["lora.dtype"] == "float32"
+
+
+def test_adapters_stay_fp32_without_paged_adamw():
+    """Only paged_adamw keeps fp32 masters, so with another optimizer the plan leaves the
+    adapters in fp32 however short the budget (and the estimate stays valid)."""
+    cfg = resolve_config(None, LONG + ["optim.name=adamw"])
+    plan = plan_run(cfg, 10**6, "cuda", "a test")
+    assert plan.choices["lora.dtype"] == "float32" and plan.estimate.setup.lora_bytes == 4
+    assert plan.optimizer_budget_bytes is None
