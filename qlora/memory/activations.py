@@ -25,6 +25,17 @@ What the replay follows, per op (checked op by op against the allocation trace o
         flash-attention csrc/flash_attn/flash_api.cpp ``mha_bwd``).
   MLP: gate, SiLU, up, their product, down; tiled (qlora.ops.tiled_mlp): the output, then
         per chunk of C tokens the same intermediates; saves its input only.
+  MoE block (transformers' Mixtral / Qwen3-MoE router, qlora.nn.experts.nf4_experts_forward):
+        the router's 16-bit logits, their fp32 softmax (saved), top-k values and indices (saved),
+        the renormalization by their sum (in place: autograd keeps the values before it and the
+        sum); an fp32 accumulator, then per expert its token and slot indices (saved), the
+        gathered rows, the expert's gate_up / SiLU·up / down on them, its routing weight and the
+        weighted output added into the accumulator (the product saves both factors: gradients
+        reach the hidden states through the routing weights too, the router being frozen); the
+        cast of the sum. The normalized input itself is not saved (the experts keep gathered
+        copies). The replay routes every token to the same k experts, so each expert has N rows:
+        the saved bytes are those of any routing (k·N rows in all), the transients those of an
+        expert that receives every token, the most one can.
   the step: the decoder holds the embedding's output until it returns; checkpointed layers
         keep their input (or send it to the host) and are recomputed one at a time in the
         backward, the next checkpoint streaming in meanwhile; autograd releases an incoming
@@ -39,6 +50,7 @@ from dataclasses import dataclass
 # allocates for its block GEMMs (measured with torch.profiler, torch 2.13 on x86).
 CPU_FLASH_GEMM_SCRATCH = 164992
 MLP = ("gate_proj", "up_proj", "down_proj")
+EXPERTS = ("gate_up_proj", "down_proj")   # an MoE layer's fused expert weights
 
 
 class Tape:
@@ -96,6 +108,11 @@ class Dims:
     norm_chunk: int        # tokens per chunk of the compact norm
     cpu_threads: int       # ATen's thread count (the CPU attention kernel's buffers)
     lora_copies: bool      # the adapters are cast/concatenated per call (bytes a·r·(in+out))
+    experts: int = 0       # E, MoE layers only
+    top_k: int = 0         # k routed experts per token
+    moe_i: int = 0         # an expert's intermediate width
+    router_renorm: bool = False   # the top-k weights divided by their sum (Mixtral; Qwen3's norm_topk_prob)
+    router_cast: bool = False     # the routing weights cast to the compute dtype (Qwen3-MoE; Mixtral keeps fp32)
 
     def lora_copy(self, k: int, n: int) -> int:
         return self.a * self.rank * (k + n) if self.lora_copies else 0
@@ -410,10 +427,138 @@ def mlp_backward(t: Tape, d: Dims, name: str, dy: str) -> None:
     t.drop(f"{name}.chunk.dx", f"{name}.x", f"{name}.dy")
 
 
+# ---- MoE block -----------------------------------------------------------------------------------
+def moe_forward(t: Tape, d: Dims, name: str, grad: bool) -> None:
+    """The sparse MoE block on f"{name}.x" (alive, released here: nothing saves it): leaves
+    f"{name}.out" and, when ``grad``, what backward needs. See the module docstring."""
+    N, a, h, E, k, im = d.tokens, d.a, d.h, d.experts, d.top_k, d.moe_i
+    wb = a if d.router_cast else 4       # bytes of a routing weight
+    t.new(f"{name}.logits", a * E * N)
+    t.new(f"{name}.logits32", 4 * E * N)   # Mixtral's .float(), Qwen3's softmax(dtype=float)
+    t.new(f"{name}.probs", 4 * E * N)
+    t.drop(f"{name}.logits32")
+    t.new(f"{name}.values", 4 * k * N)
+    t.new(f"{name}.index", 8 * k * N)
+    t.drop(f"{name}.logits")             # the block discards the gate's logits
+    if d.router_renorm:
+        t.new(f"{name}.sum", 4 * N)
+        t.new(f"{name}.values_before", 4 * k * N)
+    if d.router_cast:
+        t.new(f"{name}.weights", a * k * N)
+        t.drop(f"{name}.values")
+    else:
+        t.rename(f"{name}.values", f"{name}.weights")
+    t.new(f"{name}.acc", 4 * h * N)
+    for e in range(k):
+        ex = f"{name}.e{e}"
+        t.new(f"{ex}.where", 16 * N)     # int64 token and slot of each routed row
+        t.new(f"{ex}.x", a * h * N)
+        linear_forward(t, d, f"{ex}.gate_up_proj", h, 2 * im, N, grad)
+        if not (grad and "gate_up_proj" in d.adapted):   # only LoRA's dA needs the rows
+            t.drop(f"{ex}.x")
+        t.new(f"{ex}.act", a * im * N)   # SiLU of the gate half; the up half is a view
+        t.new(f"{ex}.prod", a * im * N)
+        if not grad:
+            t.drop(f"{ex}.act", f"{ex}.gate_up_proj.out")
+        linear_forward(t, d, f"{ex}.down_proj", im, h, N, grad)
+        if not grad:
+            t.drop(f"{ex}.prod")
+        t.new(f"{ex}.w", wb * N)         # weights[token, slot]
+        if d.router_cast:                # 16-bit product, then .float()
+            t.new(f"{ex}.yw", a * h * N)
+            t.new(f"{ex}.yw32", 4 * h * N)
+            t.drop(f"{ex}.yw")
+        else:                            # bf16 · fp32 promotes
+            t.new(f"{ex}.yw32", 4 * h * N)
+        t.drop(f"{ex}.yw32")             # index_add_ into the accumulator
+        if not grad:
+            t.drop(f"{ex}.where", f"{ex}.w", f"{ex}.down_proj.out")
+    t.new(f"{name}.out", a * h * N)
+    t.drop(f"{name}.acc", f"{name}.weights", f"{name}.x")
+    if not grad:
+        t.drop(f"{name}.probs", f"{name}.index")
+        if d.router_renorm:
+            t.drop(f"{name}.sum", f"{name}.values_before")
+
+
+def _accumulate(t: Tape, into: str, new: str) -> None:
+    """Autograd's gradient buffer: the first contribution becomes it, later ones are added in
+    place and released."""
+    if t.has(into):
+        t.drop(new)
+    else:
+        t.rename(new, into)
+
+
+def moe_backward(t: Tape, d: Dims, name: str, dy: str) -> None:
+    """From the gradient ``dy`` of the block's output (not released: the residual branch holds it
+    too) to f"{name}.dx"; releases the block's saved tensors."""
+    N, a, h, E, k, im = d.tokens, d.a, d.h, d.experts, d.top_k, d.moe_i
+    wb = a if d.router_cast else 4
+    t.new(f"{name}.dacc", 4 * h * N)     # the cast's backward
+    for e in reversed(range(k)):
+        ex = f"{name}.e{e}"
+        t.new(f"{ex}.dyw32", 4 * h * N)  # index_add_'s backward: the expert's rows
+        g = f"{ex}.dyw32"
+        if d.router_cast:
+            t.new(f"{ex}.dyw", a * h * N)
+            t.drop(g)
+            g = f"{ex}.dyw"
+        # the product's backward: g·w into the output's dtype, Σ_h g·y for the weight
+        t.new(f"{ex}.gw", wb * h * N)
+        if not d.router_cast:
+            t.new(f"{ex}.dy", a * h * N)
+            t.drop(f"{ex}.gw")
+        else:
+            t.rename(f"{ex}.gw", f"{ex}.dy")
+        t.new(f"{ex}.gy", wb * h * N)
+        t.new(f"{ex}.dw", wb * N)
+        t.drop(f"{ex}.gy", g, f"{ex}.down_proj.out", f"{ex}.w")
+        t.new(f"{ex}.dweights", wb * k * N)   # the gather's backward: zeros [N, k], rows put in
+        t.drop(f"{ex}.dw")
+        _accumulate(t, f"{name}.dweights", f"{ex}.dweights")
+        linear_backward(t, d, f"{ex}.down_proj", im, h, N, f"{ex}.dy", last_use=(f"{ex}.prod",))
+        t.new(f"{ex}.dact", a * im * N)
+        t.new(f"{ex}.dup", a * im * N)
+        t.drop(f"{ex}.down_proj.dx", f"{ex}.act")
+        t.new(f"{ex}.dgate", a * im * N)
+        t.drop(f"{ex}.dact")
+        t.new(f"{ex}.dgate_up", 2 * a * im * N)   # chunk's backward: the halves joined
+        t.drop(f"{ex}.dgate", f"{ex}.dup", f"{ex}.gate_up_proj.out")
+        held = (f"{ex}.x",) if t.has(f"{ex}.x") else ()
+        linear_backward(t, d, f"{ex}.gate_up_proj", h, 2 * im, N, f"{ex}.dgate_up", last_use=held)
+        t.new(f"{ex}.dx", a * h * N)     # the row gather's backward: zeros [N, h], rows put in
+        t.drop(f"{ex}.gate_up_proj.dx", f"{ex}.where")
+        _accumulate(t, f"{name}.dx", f"{ex}.dx")
+    t.drop(f"{name}.dacc")
+    dv = f"{name}.dweights"
+    if d.router_cast:                    # back through the cast to fp32
+        t.new(f"{name}.dvalues_cast", 4 * k * N)
+        t.drop(dv)
+        dv = f"{name}.dvalues_cast"
+    if d.router_renorm:                  # d/sum, and −Σ d·values/sum² through the sum
+        t.new(f"{name}.dvalues", 4 * k * N)
+        t.new(f"{name}.dsum_terms", 4 * k * N)
+        t.new(f"{name}.dsum", 4 * N)
+        t.drop(f"{name}.dsum_terms", dv, f"{name}.values_before", f"{name}.sum")
+        t.drop(f"{name}.dsum")           # expanded and added into dvalues in place
+        dv = f"{name}.dvalues"
+    t.new(f"{name}.dprobs", 4 * E * N)   # top-k's backward: zeros [N, E], values put in
+    t.drop(dv, f"{name}.index")
+    t.new(f"{name}.dlogits32", 4 * E * N)
+    t.drop(f"{name}.dprobs", f"{name}.probs")
+    t.new(f"{name}.dlogits", a * E * N if a < 4 else 0)
+    t.drop(f"{name}.dlogits32")
+    t.new(f"{name}.drouter", a * h * N)  # through the frozen router weight
+    t.drop(f"{name}.dlogits")
+    _accumulate(t, f"{name}.dx", f"{name}.drouter")
+
+
 # ---- a decoder layer -----------------------------------------------------------------------------
-def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool) -> None:
+def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool, moe: bool = False) -> None:
     """LlamaDecoderLayer on f"{L}.x" (alive, the caller's): leaves f"{L}.out" and, when ``grad``,
-    everything its backward needs. ``x_grad``: the input requires a gradient."""
+    everything its backward needs. ``x_grad``: the input requires a gradient. ``moe``: the MLP
+    is the sparse MoE block."""
     a, h, N = d.a, d.h, d.tokens
     qkv_trained = bool(d.adapted & {"q_proj", "k_proj", "v_proj"})
     attention_grad = grad and (x_grad or qkv_trained)
@@ -438,21 +583,24 @@ def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool) -> None:
     mlp_grad = grad and (attention_grad or o_grad)
     norm_forward(t, d, f"{L}.ln2", mlp_grad)
     t.rename(f"{L}.ln2.out", f"{L}.mlp.x")
-    mlp_trained = bool(d.adapted & set(MLP))
-    mlp_forward(t, d, f"{L}.mlp", grad and (mlp_grad or mlp_trained))
-    if not (grad and (mlp_grad or mlp_trained)):
-        t.drop(f"{L}.mlp.x")
+    mlp_trained = bool(d.adapted & set(MLP + EXPERTS))
+    if moe:
+        moe_forward(t, d, f"{L}.mlp", grad and (mlp_grad or mlp_trained))
+    else:
+        mlp_forward(t, d, f"{L}.mlp", grad and (mlp_grad or mlp_trained))
+        if not (grad and (mlp_grad or mlp_trained)):
+            t.drop(f"{L}.mlp.x")
     t.new(f"{L}.out", a * h * N)
     t.drop(f"{L}.mlp.out")
     if not (mlp_grad and norm_keeps_input(d)):
         t.drop(f"{L}.h1")
 
 
-def layer_backward(t: Tape, d: Dims, L: str, x_grad: bool) -> None:
+def layer_backward(t: Tape, d: Dims, L: str, x_grad: bool, moe: bool = False) -> None:
     """From f"{L}.dout" (alive) to f"{L}.dx" (when ``x_grad``); releases every tensor the
     forward saved, and the incoming gradient."""
     a, h, N = d.a, d.h, d.tokens
-    mlp_backward(t, d, f"{L}.mlp", f"{L}.dout")
+    (moe_backward if moe else mlp_backward)(t, d, f"{L}.mlp", f"{L}.dout")
     norm_backward(t, d, f"{L}.ln2", f"{L}.mlp.dx")
     t.new(f"{L}.dh1", a * h * N)                   # dout + the MLP branch's gradient
     t.drop(f"{L}.ln2.dx", f"{L}.dout")
@@ -564,8 +712,10 @@ def _loss_backward(t: Tape, d: Dims, loss: str) -> None:
 
 
 def step_memory(d: Dims, layers: int, *, checkpointing: bool, offload: bool, loss: str,
-                loss_chunk: int, lora_grad_bytes_per_layer: int) -> StepMemory:
-    """Replay the forward and backward of a step; see the module docstring."""
+                loss_chunk: int, lora_grad_bytes: list, moe_layers=frozenset()) -> StepMemory:
+    """Replay the forward and backward of a step; see the module docstring. lora_grad_bytes:
+    the LoRA gradients of each layer; moe_layers: the indices of the layers whose MLP is the
+    sparse MoE block."""
     a, h, N = d.a, d.h, d.tokens
     t = Tape()
     offloaded = 0
@@ -577,13 +727,13 @@ def step_memory(d: Dims, layers: int, *, checkpointing: bool, offload: bool, los
     for k in range(layers):
         L = str(k)
         if checkpointing:
-            layer_forward(t, d, L, grad=False, x_grad=False)
+            layer_forward(t, d, L, grad=False, x_grad=False, moe=k in moe_layers)
             if offload:
                 offloaded += a * h * N
                 t.drop(f"{L}.x")
             t.rename(f"{L}.out", f"{k + 1}.x")
             continue
-        layer_forward(t, d, L, grad=True, x_grad=k > 0)
+        layer_forward(t, d, L, grad=True, x_grad=k > 0, moe=k in moe_layers)
         if not (k > 0 and norm_keeps_input(d)):
             t.drop(f"{L}.x")
         t.rename(f"{L}.out", f"{k + 1}.x")
@@ -618,13 +768,13 @@ def step_memory(d: Dims, layers: int, *, checkpointing: bool, offload: bool, los
                     t.new(f"{k - 1}.x", a * h * N)
                 in_flight = max(in_flight, (2 if k > 0 else 1) * a * h * N)
             before = t.total
-            layer_forward(t, d, L, grad=True, x_grad=k > 0)
+            layer_forward(t, d, L, grad=True, x_grad=k > 0, moe=k in moe_layers)
             t.drop(f"{L}.out")
             recomputed = max(recomputed, t.total - before)
-        layer_backward(t, d, L, x_grad=k > 0)
+        layer_backward(t, d, L, x_grad=k > 0, moe=k in moe_layers)
         if t.has(f"{L}.x"):
             t.drop(f"{L}.x")
-        t.new(f"grads.{L}", lora_grad_bytes_per_layer)
+        t.new(f"grads.{L}", lora_grad_bytes[k])
         if k > 0:
             t.rename(f"{L}.dx", f"{k - 1}.dout")
     backward_peak = t.peak - start
@@ -632,4 +782,4 @@ def step_memory(d: Dims, layers: int, *, checkpointing: bool, offload: bool, los
     return StepMemory(saved=saved, loss_saved=loss_saved, forward_peak=forward_peak,
                       backward_peak=backward_peak, offloaded=offloaded,
                       recomputed_layer=recomputed, checkpoint_in_flight=in_flight,
-                      grads=layers * lora_grad_bytes_per_layer)
+                      grads=sum(lora_grad_bytes))

@@ -7,6 +7,9 @@ Notation (used in every formula below):
     V  vocab_size             s  seq_len    b  batch_size    N = s·b tokens
     r  LoRA rank              a  bytes of the compute dtype (2 for bf16, 4 for fp32)
     n  elements of one quantized weight (out·in)
+    MoE layers (Mixtral, Qwen3-MoE): E experts, k of them per token, each expert an MLP of width
+    im (moe_intermediate_size, else intermediate_size); the fused expert weights are quantized
+    per expert (qlora.nn.experts), LoRA on them is PEFT's target_parameters layout.
 
 Sources:
   [QLoRA]  Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", §2-3: NF4 with
@@ -60,6 +63,7 @@ GB = 10**9
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # fused, [E, out, in]
 OPTIMIZERS = ("paged_adamw", "adamw", "paged_adamw_8bit")
 BACKENDS = ("triton", "torch")
 PHASES = ("forward", "backward", "optimizer")
@@ -92,6 +96,13 @@ class Architecture:
     qkv_bias: bool   # Qwen2 always has q/k/v biases; Llama's attention_bias adds o_proj's too
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool = False         # Qwen3: RMSNorm (d) on every head's query and key
+    num_experts: int = 0          # E; 0 for a dense model
+    experts_per_token: int = 0    # k
+    moe_intermediate_size: int = 0
+    moe_layers: tuple = ()        # indices of the layers whose MLP is the MoE block
+    router_renorm: bool = False   # top-k routing weights divided by their sum
+    router_cast: bool = False     # routing weights cast to the model's dtype (Qwen3-MoE)
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config") -> "Architecture":
@@ -104,6 +115,23 @@ class Architecture:
         model_type = need("model_type")
         h, nh = int(need("hidden_size")), int(need("num_attention_heads"))
         attention_bias = bool(config.get("attention_bias", False))
+        experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+        moe = {}
+        if experts:
+            if config.get("shared_expert_intermediate_size") or config.get("n_shared_experts"):
+                raise ValueError(f"{source}: MoE with shared experts is not modeled (only routed experts, "
+                                 f"as Mixtral and Qwen3-MoE)")
+            # Qwen3-MoE: layer l is sparse unless listed in mlp_only_layers, every decoder_sparse_step-th
+            step, dense = int(config.get("decoder_sparse_step") or 1), set(config.get("mlp_only_layers") or [])
+            layers = int(need("num_hidden_layers"))
+            # transformers' routers: Mixtral always renormalizes the top-k weights and keeps them
+            # fp32; Qwen3-MoE renormalizes if norm_topk_prob and casts them to the model's dtype
+            mixtral = model_type == "mixtral"
+            moe = dict(num_experts=experts, experts_per_token=int(need("num_experts_per_tok")),
+                       router_renorm=mixtral or bool(config.get("norm_topk_prob", False)),
+                       router_cast=not mixtral,
+                       moe_intermediate_size=int(config.get("moe_intermediate_size") or need("intermediate_size")),
+                       moe_layers=tuple(l for l in range(layers) if l not in dense and (l + 1) % step == 0))
         return cls(
             model_type=model_type, hidden_size=h, intermediate_size=int(need("intermediate_size")),
             num_layers=int(need("num_hidden_layers")), num_heads=nh,
@@ -111,7 +139,7 @@ class Architecture:
             head_dim=int(config.get("head_dim") or h // nh), vocab_size=int(need("vocab_size")),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
-            mlp_bias=bool(config.get("mlp_bias", False)))
+            mlp_bias=bool(config.get("mlp_bias", False)), qk_norm=model_type.startswith("qwen3"), **moe)
 
     def linear_shapes(self) -> dict:
         """{projection name: (in_features, out_features, has_bias)} of one decoder layer."""
@@ -121,6 +149,33 @@ class Architecture:
                 "v_proj": (h, hkv, self.qkv_bias), "o_proj": (hq, h, self.o_bias),
                 "gate_proj": (h, i, self.mlp_bias), "up_proj": (h, i, self.mlp_bias),
                 "down_proj": (i, h, self.mlp_bias)}
+
+    def layer_shapes(self, layer: int) -> dict:
+        """The linear layers of decoder layer ``layer``: :meth:`linear_shapes`, with the MLP of an MoE
+        layer replaced by its fused expert weights, {name: (in, out, False)} per expert."""
+        shapes = self.linear_shapes()
+        if layer not in self.moe_layers:
+            return shapes
+        shapes = {name: shape for name, shape in shapes.items() if name not in MLP_PROJECTIONS}
+        h, im = self.hidden_size, self.moe_intermediate_size
+        return {**shapes, "gate_up_proj": (h, 2 * im, False), "down_proj": (im, h, False)}
+
+    def is_expert(self, layer: int, name: str) -> bool:
+        return layer in self.moe_layers and name in EXPERT_WEIGHTS
+
+    def copies(self, layer: int, name: str) -> int:
+        """How many weights of that shape: E for fused expert weights (one NF4 tensor each), else 1."""
+        return self.num_experts if self.is_expert(layer, name) else 1
+
+    def adapted(self, layer: int, name: str, targets: tuple) -> bool:
+        return name in (expert_targets(targets) if self.is_expert(layer, name) else targets)
+
+
+def expert_targets(targets: tuple) -> set:
+    """The fused expert weights LoRA adapts for projection targets: gate_up_proj if gate_proj or
+    up_proj is targeted (PEFT adapts the fused tensor whole), down_proj if down_proj is."""
+    return ({"gate_up_proj"} if {"gate_proj", "up_proj"} & set(targets) else set()) | \
+        ({"down_proj"} if "down_proj" in targets else set())
 
 
 @dataclass(frozen=True)
@@ -133,15 +188,16 @@ class ParamCounts:
     norms: int
     biases: int
     lora: int
+    routers: int = 0        # MoE routers E·h per MoE layer: 16-bit, no LoRA (as PEFT's all-linear)
 
     @property
     def base_total(self) -> int:
         """Every parameter of the model without adapters (what transformers counts)."""
-        return self.quantized_linear + self.embedding + self.lm_head + self.norms + self.biases
+        return self.quantized_linear + self.embedding + self.lm_head + self.norms + self.biases + self.routers
 
     @property
     def unquantized(self) -> int:
-        return self.embedding + self.lm_head + self.norms + self.biases
+        return self.embedding + self.lm_head + self.norms + self.biases + self.routers
 
 
 @dataclass(frozen=True)
@@ -256,18 +312,24 @@ class Estimate:
 
 # ---- parameters --------------------------------------------------------------------------------
 def count_params(arch: Architecture, setup: TrainSetup) -> ParamCounts:
-    """Element counts. Per layer: the seven projections, their biases, two RMSNorm weights (h each);
-    plus the embedding V·h, the final norm h and lm_head V·h unless tied."""
-    shapes = arch.linear_shapes()
-    per_layer_weights = sum(k * n for k, n, _ in shapes.values())
-    per_layer_biases = sum(n for _, n, bias in shapes.values() if bias)
-    # LoRA on W [out, in]: A is [r, in], B is [out, r]  ->  r·(in + out) per adapted projection.
-    per_layer_lora = sum(setup.rank * (k + n) for name, (k, n, _) in shapes.items()
-                         if name in setup.targets)
+    """Element counts. Per layer: the seven projections (an MoE layer: attention, E copies of the
+    fused expert weights and an E·h router), their biases, two RMSNorm weights (h each) and, on
+    Qwen3, the query and key norms (d each); plus the embedding V·h, the final norm h and lm_head
+    V·h unless tied."""
     L, h, V = arch.num_layers, arch.hidden_size, arch.vocab_size
-    return ParamCounts(quantized_linear=L * per_layer_weights, embedding=V * h,
-                       lm_head=0 if arch.tie_word_embeddings else V * h, norms=(2 * L + 1) * h,
-                       biases=L * per_layer_biases, lora=L * per_layer_lora)
+    weights = biases = lora = 0
+    for layer in range(L):
+        for name, (k, n, bias) in arch.layer_shapes(layer).items():
+            copies = arch.copies(layer, name)
+            weights += copies * k * n
+            biases += n if bias else 0
+            # LoRA on W [out, in]: A is [r, in], B is [out, r] -> r·(in + out) per adapted weight;
+            # on E fused experts PEFT's A is [r·E, in], B [out, r·E] -> E·r·(in + out).
+            lora += copies * setup.rank * (k + n) if arch.adapted(layer, name, setup.targets) else 0
+    return ParamCounts(quantized_linear=weights, embedding=V * h,
+                       lm_head=0 if arch.tie_word_embeddings else V * h,
+                       norms=(2 * L + 1) * h + (2 * L * arch.head_dim if arch.qk_norm else 0),
+                       biases=biases, lora=lora, routers=len(arch.moe_layers) * arch.num_experts * h)
 
 
 def shard_numel(shape: tuple, gpus: int) -> int:
@@ -297,36 +359,51 @@ def nf4_bytes(n: int, double_quant: bool = True) -> tuple:
     return codes, blocks + 4 * nested_blocks + NF4_TENSOR_CONSTANT_BYTES
 
 
-def lora_tensor_numels(arch: Architecture, setup: TrainSetup) -> list:
+def lora_tensor_numels(arch: Architecture, setup: TrainSetup, layer: int = None) -> list:
     """Element count of every LoRA A [r, in] and B [out, r] matrix one GPU holds, layer by layer,
-    in module order (all of each with one GPU; ceil(dim0 / G) rows of each under FSDP2)."""
+    in module order (all of each with one GPU; ceil(dim0 / G) rows of each under FSDP2); only
+    decoder layer ``layer``'s when given."""
     numels = []
-    for _ in range(arch.num_layers):
-        for name, (k, n, _) in arch.linear_shapes().items():
-            if name in setup.targets:
-                numels += [shard_numel((setup.rank, k), setup.gpus), shard_numel((n, setup.rank), setup.gpus)]
+    for layer in range(arch.num_layers) if layer is None else (layer,):
+        for name, (k, n, _) in arch.layer_shapes(layer).items():
+            copies = arch.copies(layer, name)  # E fused experts: PEFT's A is [r·E, in], B [out, r·E]
+            if arch.adapted(layer, name, setup.targets):
+                numels += [shard_numel((copies * setup.rank, k), setup.gpus),
+                           shard_numel((n, copies * setup.rank), setup.gpus)]
     return numels
 
 
 def sixteen_bit_numel(arch: Architecture, params: ParamCounts, gpus: int) -> int:
     """Elements of the 16-bit parameters one GPU holds: embedding [V, h], lm_head [V, h] unless tied,
-    2L + 1 norms [h], the projections' biases."""
+    2L + 1 norms [h], Qwen3's query and key norms [d], the projections' biases, MoE routers [E, h]."""
     if gpus == 1:
         return params.unquantized
-    V, h, L = arch.vocab_size, arch.hidden_size, arch.num_layers
+    V, h, L, d = arch.vocab_size, arch.hidden_size, arch.num_layers, arch.head_dim
     embeddings = (1 if arch.tie_word_embeddings else 2) * shard_numel((V, h), gpus)
-    biases = sum(L * shard_numel((n,), gpus) for _, n, bias in arch.linear_shapes().values() if bias)
-    return embeddings + (2 * L + 1) * shard_numel((h,), gpus) + biases
+    biases = sum(shard_numel((n,), gpus) for layer in range(L)
+                 for _, n, bias in arch.layer_shapes(layer).values() if bias)
+    qk_norms = 2 * L * shard_numel((d,), gpus) if arch.qk_norm else 0
+    routers = len(arch.moe_layers) * shard_numel((arch.num_experts, h), gpus)
+    return embeddings + (2 * L + 1) * shard_numel((h,), gpus) + qk_norms + biases + routers
 
 
 def fsdp_gathered_components(arch: Architecture, setup: TrainSetup) -> list:
-    """[FSDP2] transients: gathered units and the unsharded LoRA grads before the reduce-scatter."""
+    """[FSDP2] transients: gathered units and the unsharded LoRA grads before the reduce-scatter
+    (of the largest layer: an MoE layer gathers all its experts)."""
     a, lb, h, V = setup.compute_bytes, setup.lora_bytes, arch.hidden_size, arch.vocab_size
-    shapes = arch.linear_shapes()
-    layer_nf4 = sum(sum(nf4_bytes(k * n)) for k, n, _ in shapes.values())
-    layer_dense = a * (2 * h + sum(n for _, n, bias in shapes.values() if bias))
-    layer_lora = lb * sum(setup.rank * (k + n) for name, (k, n, _) in shapes.items() if name in setup.targets)
-    layer = layer_nf4 + layer_dense + layer_lora
+
+    def whole(layer: int) -> tuple:
+        """(NF4 + 16-bit + LoRA bytes, LoRA bytes) of decoder layer ``layer`` unsharded."""
+        shapes = arch.layer_shapes(layer)
+        nf4 = sum(arch.copies(layer, name) * sum(nf4_bytes(k * n)) for name, (k, n, _) in shapes.items())
+        dense = a * (2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
+                     + sum(n for _, n, bias in shapes.values() if bias)
+                     + (arch.num_experts * h if layer in arch.moe_layers else 0))
+        lora = lb * sum(arch.copies(layer, name) * setup.rank * (k + n) for name, (k, n, _) in shapes.items()
+                        if arch.adapted(layer, name, setup.targets))
+        return nf4 + dense + lora, lora
+
+    layer, layer_lora = max(whole(layer) for layer in range(arch.num_layers))
     root = a * ((1 if arch.tie_word_embeddings else 2) * V * h + h)
     return [
         Component("gathered layers", 3 * layer + layer_lora, "gpu",
@@ -370,7 +447,8 @@ def optimizer_state_bytes(numels: list, optimizer: str, master_weights: bool = F
 
 # ---- activations -------------------------------------------------------------------------------
 def layer_activation_bytes_per_token(arch: Architecture, setup: TrainSetup, *,
-                                     grad_into_layer: bool, trainable_base: bool = False) -> int:
+                                     grad_into_layer: bool, trainable_base: bool = False,
+                                     moe: bool = False) -> int:
     """Bytes per token autograd saves in one decoder layer [Korthikanti] applied to Llama; used
     for the full fine-tuning row of the comparison (the QLoRA estimate replays the step).
 
@@ -386,6 +464,12 @@ def layer_activation_bytes_per_token(arch: Architecture, setup: TrainSetup, *,
         RMSNorm as above; normalized input a·h
         gate output a·i (SiLU's input), SiLU output a·i, up output a·i, their product a·i
         (down_proj's input); LoRA A·x a·r per adapted projection
+      MoE block instead (``moe``; qlora.nn.experts.nf4_experts_forward, frozen router)
+        RMSNorm and normalized input as above; router softmax output 4E (fp32), top-k indices 8k
+        and values 4k (the renormalization divides by their sum)
+        per routed pair, k per token: the gathered input a·h (if gate_up_proj is adapted), the
+        MLP's 4·a·im as above, LoRA A·x a·r per adapted expert weight, the expert's output a·h and
+        its routing weight 4 (their product's backward needs both)
     """
     a, r, h, i = setup.compute_bytes, setup.rank, arch.hidden_size, arch.intermediate_size
     hq, hkv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
@@ -406,6 +490,10 @@ def layer_activation_bytes_per_token(arch: Architecture, setup: TrainSetup, *,
         total += a * hq   # only o_proj's input
     total += a * r * ("o_proj" in adapted)
     mlp_grad = attention_grad or "o_proj" in adapted or trainable_base
+    if moe:
+        k, im, experts = arch.experts_per_token, arch.moe_intermediate_size, expert_targets(setup.targets)
+        per_pair = a * h * ("gate_up_proj" in experts) + 4 * a * im + a * r * len(experts) + a * h + 4
+        return total + norm(mlp_grad) + a * h + 4 * arch.num_experts + 12 * k + k * per_pair
     total += norm(mlp_grad) + a * h + 4 * a * i
     total += a * r * len(adapted & set(MLP_PROJECTIONS))
     return total
@@ -428,25 +516,29 @@ def dims(arch: Architecture, setup: TrainSetup) -> Dims:
                 h=arch.hidden_size, i=arch.intermediate_size,
                 hq=arch.num_heads * arch.head_dim, hkv=arch.num_kv_heads * arch.head_dim,
                 heads=arch.num_heads, kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-                vocab=arch.vocab_size, rank=setup.rank, adapted=frozenset(setup.targets),
+                vocab=arch.vocab_size, rank=setup.rank,
+                adapted=frozenset(setup.targets) | expert_targets(setup.targets),
                 backend=backend, device=setup.device, compact_norms=setup.compact_norms,
                 tiled_mlp=setup.tiled_mlp, norm_chunk=norm_chunk_tokens(arch.hidden_size),
                 cpu_threads=setup.cpu_threads,
                 # the fused path concatenates and scales the adapters per call; the torch path
                 # casts them when their dtype is not the compute dtype
-                lora_copies=backend == "triton" or setup.lora_bytes != a)
+                lora_copies=backend == "triton" or setup.lora_bytes != a,
+                experts=arch.num_experts, top_k=arch.experts_per_token, moe_i=arch.moe_intermediate_size,
+                router_renorm=arch.router_renorm, router_cast=arch.router_cast)
 
 
 def activation_components(arch: Architecture, setup: TrainSetup) -> list:
     """The step's rows, from the replay [replay] of its forward and backward."""
     N, a, h = setup.tokens, setup.compute_bytes, arch.hidden_size
     # the LoRA grads one GPU keeps (its shards under [FSDP2]), one layer's worth at a time
-    per_layer_lora = sum(lora_tensor_numels(arch, setup)) // arch.num_layers
+    per_layer_lora = [sum(lora_tensor_numels(arch, setup, layer)) for layer in range(arch.num_layers)]
     chunk = _chunk_tokens(arch.vocab_size, a) if setup.chunked_loss else 0
     m = step_memory(dims(arch, setup), arch.num_layers, checkpointing=setup.grad_checkpointing,
                     offload=setup.offload_checkpoints,
                     loss="chunked" if setup.chunked_loss else "logits", loss_chunk=chunk,
-                    lora_grad_bytes_per_layer=setup.lora_bytes * per_layer_lora)
+                    lora_grad_bytes=[setup.lora_bytes * n for n in per_layer_lora],
+                    moe_layers=frozenset(arch.moe_layers))
     if setup.grad_checkpointing:
         kept = "layer inputs N·a·h·L" + (" (offloaded)" if setup.offload_checkpoints else "")
     else:
@@ -487,14 +579,16 @@ def estimate(config: dict, setup: TrainSetup, source: str = "config") -> Estimat
     """QLoRA: NF4 base, 16-bit non-quantized params, LoRA adapters with AdamW."""
     arch = Architecture.from_config(config, source)
     params = count_params(arch, setup)
-    shapes = arch.linear_shapes()
-    codes = constants = 0
+    codes = constants = largest = 0
     G = setup.gpus
-    for k, n, _ in shapes.values():
-        c, q = nf4_bytes(k * n)
-        # [FSDP2]: 1/G of the codes and of the per-block scales; the per-tensor constants whole
-        codes += arch.num_layers * (c // G)
-        constants += arch.num_layers * ((q - NF4_TENSOR_CONSTANT_BYTES) // G + NF4_TENSOR_CONSTANT_BYTES)
+    for layer in range(arch.num_layers):
+        for name, (k, n, _) in arch.layer_shapes(layer).items():
+            c, q = nf4_bytes(k * n)  # MoE experts: each expert its own NF4 tensor
+            # [FSDP2]: 1/G of the codes and of the per-block scales; the per-tensor constants whole
+            codes += arch.copies(layer, name) * (c // G)
+            constants += arch.copies(layer, name) * ((q - NF4_TENSOR_CONSTANT_BYTES) // G
+                                                     + NF4_TENSOR_CONSTANT_BYTES)
+            largest = max(largest, k * n)
     a, lb = setup.compute_bytes, setup.lora_bytes
     lora_numels = lora_tensor_numels(arch, setup)
     per_gpu = "" if G == 1 else f", per GPU of {G} [FSDP2]"
@@ -518,8 +612,9 @@ def estimate(config: dict, setup: TrainSetup, source: str = "config") -> Estimat
         # dequantizes into one buffer shared by all layers, kept once allocated; counted whether
         # or not a layer takes that path (the estimate does not know the GPU's path table)
         est.components.append(Component(
-            "dequant scratch", a * max(k * n for k, n, _ in shapes.values()), "gpu",
-            "a·max(n·k): the dense path's dequantized W0, one buffer for every layer"))
+            "dequant scratch", a * largest, "gpu",
+            "a·max(n·k): the dense path's dequantized W0 (one expert's in an MoE layer), one "
+            "buffer for every layer"))
     est.components += activation_components(arch, setup)
     if G > 1:
         est.components += fsdp_gathered_components(arch, setup)
@@ -568,10 +663,9 @@ def full_finetune_bytes(config: dict, setup: TrainSetup) -> int:
     arch = Architecture.from_config(config)
     params = count_params(arch, setup).base_total
     N, a, h, V = setup.tokens, setup.compute_bytes, arch.hidden_size, arch.vocab_size
-    layer = layer_activation_bytes_per_token(arch, setup, grad_into_layer=True,
-                                             trainable_base=True)
-    saved = a * h * arch.num_layers + layer if setup.grad_checkpointing \
-        else layer * arch.num_layers
+    layers = [layer_activation_bytes_per_token(arch, setup, grad_into_layer=True, trainable_base=True,
+                                               moe=k in arch.moe_layers) for k in range(arch.num_layers)]
+    saved = a * h * arch.num_layers + max(layers) if setup.grad_checkpointing else sum(layers)
     logits = a * V + (4 * V if a < 4 else 0) + 4 * V + 8
     transients = max(8 * V, 3 * a * arch.intermediate_size + 2 * a * h)
     context = CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0
