@@ -30,9 +30,9 @@ What the replay follows, per op (checked op by op against the allocation trace o
         the renormalization by their sum (in place: autograd keeps the values before it and the
         sum); an fp32 accumulator, then per expert its token and slot indices (saved), the
         gathered rows, the expert's gate_up / SiLU·up / down on them, its routing weight and the
-        weighted output added into the accumulator (the product saves both factors: gradients
-        reach the hidden states through the routing weights too, the router being frozen); the
-        cast of the sum. The normalized input itself is not saved (the experts keep gathered
+        fp32 weighted output added into the accumulator (index_add_ saves it; the product saves
+        both factors: gradients reach the hidden states through the routing weights too, the
+        router being frozen); the cast of the sum. The normalized input itself is not saved (the experts keep gathered
         copies). The replay routes every token to the same k experts, so each expert has N rows:
         the saved bytes are those of any routing (k·N rows in all), the transients those of an
         expert that receives every token, the most one can.
@@ -470,9 +470,9 @@ def moe_forward(t: Tape, d: Dims, name: str, grad: bool) -> None:
             t.drop(f"{ex}.yw")
         else:                            # bf16 · fp32 promotes
             t.new(f"{ex}.yw32", 4 * h * N)
-        t.drop(f"{ex}.yw32")             # index_add_ into the accumulator
+        # index_add_ into the accumulator, which saves its source (the shape of its gradient)
         if not grad:
-            t.drop(f"{ex}.where", f"{ex}.w", f"{ex}.down_proj.out")
+            t.drop(f"{ex}.yw32", f"{ex}.where", f"{ex}.w", f"{ex}.down_proj.out")
     t.new(f"{name}.out", a * h * N)
     t.drop(f"{name}.acc", f"{name}.weights", f"{name}.x")
     if not grad:
@@ -499,6 +499,7 @@ def moe_backward(t: Tape, d: Dims, name: str, dy: str) -> None:
     for e in reversed(range(k)):
         ex = f"{name}.e{e}"
         t.new(f"{ex}.dyw32", 4 * h * N)  # index_add_'s backward: the expert's rows
+        t.drop(f"{ex}.yw32")
         g = f"{ex}.dyw32"
         if d.router_cast:
             t.new(f"{ex}.dyw", a * h * N)

@@ -151,7 +151,9 @@ def build_model(config: dict, settings: ProfileSettings):
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         quantize_model(model)
     model.requires_grad_(False)
-    add_lora(model, r=settings.rank, alpha=settings.alpha, target_modules=list(settings.targets))
+    # every projection as "all-linear", which also names an MoE model's fused expert weights
+    targets = "all-linear" if set(settings.targets) == set(est.ALL_LINEAR) else list(settings.targets)
+    add_lora(model, r=settings.rank, alpha=settings.alpha, target_modules=targets)
     model.to(settings.device)
     apply_memory_options(model, lora_dtype=DTYPES[settings.lora_dtype],
                          embedding_on_host=settings.embedding_on_host,
