@@ -18,6 +18,7 @@ What the replay follows, per op (checked op by op against the allocation trace o
   RMSNorm, Hugging Face: fp32 copy of x (saved), its square, x·r (fp32), the cast, the output.
         Compact (qlora.ops.compact_norm): the output, then per chunk of C tokens the fp32 copy,
         its square, x·r and the cast; saves x itself and r.
+  Qwen3's query and key norms: as Hugging Face's RMSNorm above, over each head.
   rotary (apply_rotary_pos_emb): q·cos, -x2, cat, ·sin, the sum, for q and for k.
   attention (SDPA): the output and the fp32 logsumexp (saved); the kernel's workspace (CPU:
         ATen's flash kernel's per-thread buffers; CUDA: FlashAttention-2, whose backward keeps
@@ -113,6 +114,7 @@ class Dims:
     moe_i: int = 0         # an expert's intermediate width
     router_renorm: bool = False   # the top-k weights divided by their sum (Mixtral; Qwen3's norm_topk_prob)
     router_cast: bool = False     # the routing weights cast to the compute dtype (Qwen3-MoE; Mixtral keeps fp32)
+    qk_norm: bool = False         # Qwen3: RMSNorm on every head of the query and the key
 
     def lora_copy(self, k: int, n: int) -> int:
         return self.a * self.rank * (k + n) if self.lora_copies else 0
@@ -198,11 +200,13 @@ def linear_backward(t: Tape, d: Dims, name: str, k: int, n: int, rows: int, dy: 
 
 
 # ---- RMSNorm -------------------------------------------------------------------------------------
-def norm_forward(t: Tape, d: Dims, name: str, grad: bool) -> None:
+def norm_forward(t: Tape, d: Dims, name: str, grad: bool, width: int = 0, groups: int = 1,
+                 compact: bool = None) -> None:
     """f"{name}.out" (a·h) from the input; when ``grad``, the saved tensors stay (HF: the fp32
-    copy and r; compact: r, the input being kept by the caller's name)."""
-    a, h, N = d.a, d.h, d.tokens
-    if d.compact_norms:
+    copy and r; compact: r, the input being kept by the caller's name). Qwen3's query and key
+    norms: ``width`` elements per token in ``groups`` heads, never compact."""
+    a, h, N = d.a, width or d.h, d.tokens
+    if d.compact_norms if compact is None else compact:
         c = min(N, d.norm_chunk)
         t.new(f"{name}.out", a * h * N)
         t.new(f"{name}.rstd", 4 * N)
@@ -218,7 +222,7 @@ def norm_forward(t: Tape, d: Dims, name: str, grad: bool) -> None:
     t.new(f"{name}.xf", 4 * h * N if a < 4 else 0)
     t.new(f"{name}.sq", 4 * h * N)
     t.drop(f"{name}.sq")
-    t.new(f"{name}.rstd", 4 * N)
+    t.new(f"{name}.rstd", 4 * N * groups)
     t.new(f"{name}.xr", 4 * h * N)
     if not grad:
         t.drop(f"{name}.xf")
@@ -229,11 +233,11 @@ def norm_forward(t: Tape, d: Dims, name: str, grad: bool) -> None:
         t.drop(f"{name}.rstd")
 
 
-def norm_backward(t: Tape, d: Dims, name: str, dy: str) -> None:
-    """From the gradient ``dy`` (released once used) to f"{name}.dx" (a·h); releases what the
-    forward saved."""
-    a, h, N = d.a, d.h, d.tokens
-    if d.compact_norms:
+def norm_backward(t: Tape, d: Dims, name: str, dy: str, width: int = 0, compact: bool = None) -> None:
+    """From the gradient ``dy`` (released once used) to f"{name}.dx" (a·h, or a·width); releases
+    what the forward saved."""
+    a, h, N = d.a, width or d.h, d.tokens
+    if d.compact_norms if compact is None else compact:
         c = min(N, d.norm_chunk)
         t.new(f"{name}.dx", a * h * N)
         t.new(f"{name}.x_hat", 4 * h * c)
@@ -569,9 +573,16 @@ def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool, moe: bool 
         linear_forward(t, d, f"{L}.{proj}", h, width, N, grad and (x_grad or proj in d.adapted))
     if not (grad and qkv_trained):
         t.drop(x_in)
+    rope_in = (f"{L}.q_proj.out", f"{L}.k_proj.out")
+    if d.qk_norm:  # Qwen3: RMSNorm over each head of the query and the key, before the rotary
+        for proj, width, heads in (("q_proj", d.hq, d.heads), ("k_proj", d.hkv, d.kv_heads)):
+            norm_forward(t, d, f"{L}.{proj}.norm", attention_grad, width, heads, compact=False)
+            if not (attention_grad and d.a == 4):   # in fp32 the norm saves its input itself
+                t.drop(f"{L}.{proj}.out")
+        rope_in = (f"{L}.q_proj.norm.out", f"{L}.k_proj.norm.out")
     rope_forward(t, d, f"{L}.qrope", d.hq)
     rope_forward(t, d, f"{L}.krope", d.hkv)
-    t.drop(f"{L}.q_proj.out", f"{L}.k_proj.out")
+    t.drop(*rope_in)
     sdpa_forward(t, d, f"{L}.sdpa", attention_grad)
     if not attention_grad:
         t.drop(f"{L}.qrope.out", f"{L}.krope.out", f"{L}.v_proj.out")
@@ -616,11 +627,18 @@ def layer_backward(t: Tape, d: Dims, L: str, x_grad: bool, moe: bool = False) ->
                f"{L}.v_proj.out")
         rope_backward(t, d, f"{L}.krope", d.hkv, f"{L}.sdpa.dk")
         rope_backward(t, d, f"{L}.qrope", d.hq, f"{L}.sdpa.dq")
+        dk, dq = f"{L}.krope.dx", f"{L}.qrope.dx"
+        if d.qk_norm:
+            for proj, width in (("k_proj", d.hkv), ("q_proj", d.hq)):
+                norm_backward(t, d, f"{L}.{proj}.norm", f"{L}.{proj[0]}rope.dx", width, compact=False)
+                if t.has(f"{L}.{proj}.out"):
+                    t.drop(f"{L}.{proj}.out")
+            dk, dq = f"{L}.k_proj.norm.dx", f"{L}.q_proj.norm.dx"
         normed = f"{L}.ln1.out"
         held = [p for p in ("v_proj", "k_proj", "q_proj") if p in d.adapted]
         grads = []
-        for proj, dy, width in (("v_proj", f"{L}.sdpa.dv", d.hkv), ("k_proj", f"{L}.krope.dx", d.hkv),
-                                ("q_proj", f"{L}.qrope.dx", d.hq)):
+        for proj, dy, width in (("v_proj", f"{L}.sdpa.dv", d.hkv), ("k_proj", dk, d.hkv),
+                                ("q_proj", dq, d.hq)):
             last = (normed,) if held and proj == held[-1] and t.has(normed) else ()
             linear_backward(t, d, f"{L}.{proj}", h, width, N, dy, last_use=last)
             grads.append(f"{L}.{proj}.dx")

@@ -525,7 +525,7 @@ def dims(arch: Architecture, setup: TrainSetup) -> Dims:
                 # casts them when their dtype is not the compute dtype
                 lora_copies=backend == "triton" or setup.lora_bytes != a,
                 experts=arch.num_experts, top_k=arch.experts_per_token, moe_i=arch.moe_intermediate_size,
-                router_renorm=arch.router_renorm, router_cast=arch.router_cast)
+                router_renorm=arch.router_renorm, router_cast=arch.router_cast, qk_norm=arch.qk_norm)
 
 
 def activation_components(arch: Architecture, setup: TrainSetup) -> list:

@@ -103,19 +103,26 @@ def test_profile_reads_a_qlora_train_config(tmp_path):
         profile.settings_from_yaml(str(config))
 
 
-# A Mixtral at the same scale: 4 experts of the dense MLP's width, 2 per token.
-SCALED_MIXTRAL = dict(SCALED, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+# MoE models at the same scale, 4 experts, 2 per token: a Mixtral (experts of the dense MLP's
+# width, fp32 routing weights) and a Qwen3-MoE (narrower experts, routing weights cast to bf16,
+# query and key norms).
+SCALED_MOE = {
+    "mixtral": dict(SCALED, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen3-moe": dict(SCALED, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=224, head_dim=32, norm_topk_prob=True),
+}
 
 
+@pytest.mark.parametrize("model", list(SCALED_MOE))
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_moe_estimate_within_10_percent_per_component(checkpointing, tmp_path):
-    """The replay's MoE block against what a tiny Mixtral allocates. The replay routes every token
+def test_moe_estimate_within_10_percent_per_component(model, checkpointing, tmp_path):
+    """The replay's MoE block against what a tiny MoE model allocates. The replay routes every token
     to the same k experts (each expert then runs N rows, the most it can); the random router here
     spreads them, which changes no saved byte (k·N rows in all) but shrinks an expert's transients:
     under checkpointing, where one expert's intermediates make the forward's peak, the estimate
     may exceed the measurement there, never fall short of it."""
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(SCALED_MIXTRAL))
+    path.write_text(json.dumps(SCALED_MOE[model]))
     settings = profile.ProfileSettings(model=str(path), seq_len=SEQ, batch_size=1, rank=8,
                                        dtype="bfloat16", grad_checkpointing=checkpointing)
     result = profile.run_profile(settings, steps=2, out_dir=str(tmp_path))
