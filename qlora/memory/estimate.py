@@ -260,6 +260,16 @@ class TrainSetup:
         return self.lora_bytes < 4
 
 
+def unavailable_options(arch: Architecture) -> set:
+    """The TrainSetup memory options qlora cannot apply to this model: compact norms outside the
+    model types qlora.model.patch supports, a tiled MLP where every layer's MLP is an MoE block
+    (qlora.model.activation_memory tiles dense ``*MLP`` modules only)."""
+    from qlora.model.patch import SUPPORTED
+
+    out = set() if arch.model_type in SUPPORTED else {"compact_norms"}
+    return out | ({"tiled_mlp"} if len(arch.moe_layers) == arch.num_layers else set())
+
+
 def parse_targets(text: str) -> tuple:
     """'all-linear' or a comma-separated list of projection names -> tuple of names."""
     if text == "all-linear":
@@ -558,7 +568,7 @@ def activation_components(arch: Architecture, setup: TrainSetup) -> list:
     rows.append(Component("forward transients", m.forward_peak - m.saved, "gpu",
                           f"the forward's peak over what it keeps: a layer's intermediates or "
                           f"the {where}", ("forward",)))
-    rows.append(Component("lora grads", m.grads, "gpu", "lora_bytes·L·Σ r·(in+out)",
+    rows.append(Component("lora grads", m.grads, "gpu", "same as the LoRA params",
                           ("backward", "optimizer")))
     if setup.grad_checkpointing:
         if m.checkpoint_in_flight:
@@ -604,8 +614,9 @@ def estimate(config: dict, setup: TrainSetup, source: str = "config") -> Estimat
                   "a·V·h" + (" in host memory, rows gathered per batch"
                              if setup.embedding_on_host else "") + per_gpu),
         Component("16-bit params", a * (sixteen_bit_numel(arch, params, G) - embedding), "gpu",
-                  "a·(V·h lm_head unless tied + (2L+1)·h norms + biases)" + per_gpu),
-        Component("lora params", lb * sum(lora_numels), "gpu", "lora_bytes·L·Σ r·(in+out)" + per_gpu),
+                  "a·(V·h lm_head unless tied + (2L+1)·h norms + biases + MoE routers)" + per_gpu),
+        Component("lora params", lb * sum(lora_numels), "gpu",
+                  "lora_bytes·Σ_layers r·(in+out) (E× on experts)" + per_gpu),
     ]
     if setup.device == "cuda" and setup.linear_backend == "triton":
         # qlora.ops.fused's dense path (dequantize W0 + cuBLAS, where the path table prefers it)

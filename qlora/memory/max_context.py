@@ -5,7 +5,8 @@
 Starting from gradient checkpointing with the optimizer states on the device, the options are
 added one at a time in ``OPTIONS`` order; each row gives the longest sequence with the options
 so far (``max_seq_len``), the tokens that option added, and the longest sequence with every
-option but that one (``without``). The last row is the best setup.
+option but that one (``without``). The last row is the best setup. Options qlora cannot apply to
+the model (``estimate.unavailable_options``) are left out.
 """
 from dataclasses import replace
 
@@ -58,11 +59,13 @@ def ladder(config: dict, budget: int, base: est.TrainSetup) -> list:
     rows = [{"option": "gradient checkpointing (the start)", "max_seq_len": longest(config, start, budget),
              "gained": None, "without": None}]
     setup = start
-    for name, changes in OPTIONS:
+    unavailable = est.unavailable_options(est.Architecture.from_config(config))
+    options = [(name, changes) for name, changes in OPTIONS if not unavailable & set(changes)]
+    for name, changes in options:
         setup = _with(setup, changes, budget)
         best = longest(config, setup, budget)
         all_but = start
-        for other_name, other in OPTIONS:
+        for other_name, other in options:
             if other_name != name:
                 all_but = _with(all_but, other, budget)
         rows.append({"option": name, "max_seq_len": best, "gained": best - rows[-1]["max_seq_len"],

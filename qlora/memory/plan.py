@@ -130,7 +130,9 @@ def plan_run(cfg: Config, budget: Optional[int], device: str, budget_source: str
     """Decide the config's "auto" memory options (see the module docstring); ``cfg`` is left
     as it is (``apply`` writes the decisions into it)."""
     config, source = model_config(cfg.model.name_or_path)
+    unavailable = est.unavailable_options(est.Architecture.from_config(config, source))
     auto = [(key, on, off) for key, on, off in LADDER if _get(cfg, key) == AUTO
+            and key.split(".")[1] not in unavailable
             # AdaLoRA trains in fp32 (qlora.train.memory_options.lora_dtype), and only
             # paged_adamw keeps the fp32 masters of 16-bit adapters (qlora.train.optimizer)
             and not (key == "lora.dtype" and (cfg.lora.type == "adalora"
