@@ -57,5 +57,13 @@ def run_train(args) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    train(cfg, resume=args.resume, plan=plan_for_run(cfg, args.resume))
+    if args.allow_changed_data and args.resume is None:
+        raise ValueError("--allow-changed-data only applies with --resume")
+    plan = plan_for_run(cfg, args.resume)
+    try:
+        train(cfg, resume=args.resume, plan=plan, overwrite=args.overwrite,
+              allow_changed_data=args.allow_changed_data)
+    except TrainingStopped as err:
+        print(f"qlora train: stopped: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -29,10 +29,11 @@ BUILTIN_DATA = "builtin:tasks"
 AUTO = "auto"  # a memory option `qlora train` decides from the memory plan (qlora.memory.plan)
 
 
-def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, auto=False, help=""):
+def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, nonempty=False, auto=False,
+          help=""):
     """A dataclass field with its allowed values, checked by ``_check_value``; ``auto``: the
     value may also be "auto"."""
-    meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, auto=auto,
+    meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, nonempty=nonempty, auto=auto,
                 help=help)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -231,6 +232,11 @@ def _check_value(key: str, value: Any, meta) -> None:
         return
     if meta.get("auto") and isinstance(value, str):
         raise ValueError(f"{key}: expected a number, true/false or {AUTO!r}, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"{key}: must be a finite number (float32's range, up to "
+                         f"{FLOAT32_MAX:.2g}), got {value!r}")
+    if meta.get("nonempty") and not value.strip():
+        raise ValueError(f"{key}: must not be empty")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
     low, high = meta.get("min"), meta.get("max")

@@ -220,7 +220,26 @@ def _trackers(cfg: Config) -> Optional[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None, plan=None):
+    def __init__(self, cfg: Config, resume: Optional[str] = None, out=None, plan=None, *,
+                 overwrite: bool = False, allow_changed_data: bool = False):
+        """``resume``: None, ``"latest"`` or a checkpoint directory; ``plan``: the memory plan
+        (qlora.memory.plan) whose optimizer budget the run uses; ``overwrite``: replace a
+        previous run's outputs in ``train.output_dir``; ``allow_changed_data``: resume even if
+        the data files differ from the checkpoint's (qlora.train.fingerprint)."""
+        self.run_lock = None
+        try:
+            self._setup(cfg, resume, out, plan, overwrite, allow_changed_data)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release ``train.output_dir`` for other runs."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _setup(self, cfg: Config, resume: Optional[str], out, plan, overwrite: bool,
+               allow_changed_data: bool) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -595,7 +614,10 @@ class Trainer:
         return loss, record.get("eval_exact_match")
 
 
-def train(cfg: Config, resume: Optional[str] = None, out=None, plan=None) -> TrainResult:
+def train(cfg: Config, resume: Optional[str] = None, out=None, plan=None, *, overwrite: bool = False,
+          allow_changed_data: bool = False) -> TrainResult:
     """Run training as configured; ``resume``: None, ``"latest"`` or a checkpoint directory;
-    ``plan``: the memory plan (qlora.memory.plan) whose optimizer budget the run uses."""
-    return Trainer(cfg, resume, out, plan).run()
+    ``plan``: the memory plan (qlora.memory.plan) whose optimizer budget the run uses (the other
+    arguments: see :class:`Trainer`)."""
+    return Trainer(cfg, resume, out, plan, overwrite=overwrite,
+                   allow_changed_data=allow_changed_data).run()

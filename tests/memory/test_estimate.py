@@ -352,6 +352,9 @@ def test_cli_json_and_table(capsys, tmp_path):
     from qlora.memory.max_context import OPTIONS
 
     assert all(name in out for name, _ in OPTIONS) and "best:" in out
+    for gpu_gb in ("-5", "0", "nan"):
+        with pytest.raises(ValueError, match=f"^--gpu-gb must be a positive number of GB, got {gpu_gb}$"):
+            _cli(["memory", "estimate", "--model", "llama-7b", "--gpu-gb", gpu_gb])
     (tmp_path / "bad.json").write_text("{\n  \"hidden_size\": 12,\n}")
     with pytest.raises(ValueError, match=r"bad.json:3: not valid JSON"):
         _cli(["memory", "estimate", "--model", str(tmp_path / "bad.json")])
