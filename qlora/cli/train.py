@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import sys
-from importlib import resources
-
-DEFAULT_CONFIG = "default.yaml"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="fine-tune with QLoRA (no arguments: the built-in tiny run on CPU)",
-        description="Fine-tune a model with QLoRA. Without CONFIG, the built-in run: a tiny "
-                    "byte-level Llama learns the shipped tasks in a few minutes on a CPU.")
+        description="Fine-tune a model with QLoRA. Defaults: the QLoRA recipe (--print-config "
+                    "shows every key). With no arguments at all, the built-in run builtin:tiny: a "
+                    "tiny byte-level Llama learns the shipped tasks in a few minutes on a CPU.")
     parser.add_argument("config", nargs="?", default=None,
                         help="YAML config (sections model, lora, quant, data, train, optim, "
-                             "checkpoint, logging); default: the built-in run")
+                             "checkpoint, logging), or builtin:tiny (the shipped built-in run)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="KEY=VALUE",
                         help="override keys, e.g. --set optim.lr=1e-4 train.max_steps=50 "
@@ -38,14 +36,13 @@ def register(subparsers) -> None:
 
 
 def resolve_config(config_path, overrides):
-    from qlora.train.config import load_config
-    import yaml
+    """The recipe defaults, then ``config_path`` (a YAML file or builtin:tiny), then
+    ``overrides``; with neither a file nor overrides, the built-in run."""
+    from qlora.train.config import BUILTIN_RUN, load_config
 
-    base = None
-    if config_path is None:
-        text = resources.files("qlora.train").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
-        base = yaml.safe_load(text)
-    return load_config(config_path, overrides, base=base)
+    if config_path is None and not overrides:
+        config_path = BUILTIN_RUN
+    return load_config(config_path, overrides)
 
 
 def run_train(args) -> int:

@@ -9,6 +9,7 @@ order is a pure function of (seed, epoch).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,6 +69,13 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
         perm = torch.randperm(len(batches), generator=generator).tolist()
         batches = [batches[i] for i in perm]
     return batches
+
+
+def steps_for_epochs(n_sequences: int, global_batch: int, accumulation: int, epochs: float) -> int:
+    """Optimizer steps that make ``epochs`` passes over ``n_sequences``: an epoch is
+    n_sequences // global_batch micro-batches (the partial last one is dropped, as
+    :func:`epoch_batches` does), an optimizer step ``accumulation`` of them; rounded up."""
+    return max(1, math.ceil(epochs * (n_sequences // global_batch) / accumulation))
 
 
 class BatchStream:

@@ -4,19 +4,22 @@ Files: JSONL (one JSON object per line) or JSON (one array of objects). Record f
 
     alpaca      {"instruction": str, "input": str (optional), "output": str}
     chat        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    sharegpt    {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
     completion  {"text": str}
 
 An :class:`Example` holds ``input_ids`` and ``labels`` of equal length, already shifted:
 ``labels[t]`` is the token that should follow ``input_ids[:t+1]``, or -100 where nothing is
 trained (the prompt, unless ``train_on_prompt``). Shifting here, per example, means packed
 sequences can never train one example's first token from the previous example's last one.
+It also records where its prompt ends and how long its first answer is, whatever is trained,
+so evaluation can ask the prompt and score the answer.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from qlora.util.files import read_text as read_file_text
 
@@ -25,12 +28,22 @@ BUILTIN_DATA_FILE = "tasks.jsonl"
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 CHAT_ROLES = ("system", "user", "assistant")
+DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion")
+# ShareGPT's speakers as chat roles; "user" and "assistant" appear in some ShareGPT files too
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 
 
 @dataclass
 class Example:
+    """``prompt_len``: the tokens before the first response token (at least 1: the first token
+    is never a label); ``answer_len``: the tokens of the first response, its end-of-turn and EOS
+    included, that follow the prompt (0 if truncation cut them all)."""
+
     input_ids: list[int]
     labels: list[int]
+    prompt_len: int
+    answer_len: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -61,7 +74,7 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def _string_field(record: dict, key: str, required: bool = True) -> str:
-    if key not in record:
+    if key not in record or (record[key] is None and not required):  # CSV: an empty cell is None
         if required:
             raise BadRecord(f"missing field {key!r} (has {sorted(record)})")
         return ""
@@ -81,33 +94,53 @@ def record_parts(record, fmt: str, tokenizer) -> list[tuple[str, bool]]:
         return [(prompt, False), (_string_field(record, "output"), True)]
     if fmt == "completion":
         return [(_string_field(record, "text"), True)]
+    if fmt == "sharegpt":
+        return _chat_parts(_sharegpt_messages(record), tokenizer)
     if fmt == "chat":
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRecord("field 'messages' must be a non-empty list")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise BadRecord(f"messages[{i}] must be an object with a string 'content'")
-            if message.get("role") not in CHAT_ROLES:
-                raise BadRecord(f"messages[{i}].role is {message.get('role')!r}, "
-                                f"expected one of {', '.join(CHAT_ROLES)}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise BadRecord("no assistant message to train on")
-        return tokenizer.render_chat(messages)
-    raise ValueError(f"unknown data format {fmt!r}; expected alpaca, chat or completion")
+        return _chat_parts(record.get("messages"), tokenizer)
+    raise ValueError(f"unknown data format {fmt!r}; expected {', '.join(DATA_FORMATS)}")
+
+
+def _sharegpt_messages(record: dict) -> list[dict]:
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("field 'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise BadRecord(f"conversations[{i}] must be an object with a string 'value'")
+        if turn.get("from") not in SHAREGPT_ROLES:
+            raise BadRecord(f"conversations[{i}].from is {turn.get('from')!r}, expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _chat_parts(messages, tokenizer) -> list[tuple[str, bool]]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("field 'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise BadRecord(f"messages[{i}] must be an object with a string 'content'")
+        if message.get("role") not in CHAT_ROLES:
+            raise BadRecord(f"messages[{i}].role is {message.get('role')!r}, "
+                            f"expected one of {', '.join(CHAT_ROLES)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant message to train on")
+    return tokenizer.render_chat(messages)
 
 
 def prompt_ids(tokenizer, text: str, fmt: str) -> list[int]:
     """Token ids that ask for an answer to ``text`` as a model trained on ``fmt`` data expects:
-    ``alpaca`` wraps it in the alpaca prompt, ``chat`` renders it as a user turn followed by the
+    ``alpaca`` wraps it in the alpaca prompt, ``chat`` and ``sharegpt`` render it as a user turn followed by the
     assistant's header (the tokenizer's chat template or the built-in one), ``completion`` sends
     it as it is. Starts with BOS once, whether or not a chat template renders it."""
     if fmt == "alpaca":
         text = alpaca_prompt(text)
-    elif fmt == "chat":
+    elif fmt in ("chat", "sharegpt"):
         text = tokenizer.chat_generation_prompt([{"role": "user", "content": text}])
     elif fmt != "completion":
-        raise ValueError(f"unknown data format {fmt!r}; expected alpaca, chat or completion")
+        raise ValueError(f"unknown data format {fmt!r}; expected {', '.join(DATA_FORMATS)}")
     ids = tokenizer.encode(text)
     if tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
         ids.insert(0, tokenizer.bos_id)
@@ -117,21 +150,26 @@ def prompt_ids(tokenizer, text: str, fmt: str) -> list[int]:
 def tokenize_parts(parts, tokenizer, max_seq_len: int, train_on_prompt: bool) -> tuple[Example, bool]:
     """(example, truncated). Tokens are BOS + parts + EOS; EOS is trained with the response.
     BOS or EOS that the parts already hold (a chat template may render them) is not repeated."""
-    tokens, trained = [], []
+    tokens, response = [], []
     for text, is_response in parts:
         ids = tokenizer.encode(text)
         tokens += ids
-        trained += [is_response or train_on_prompt] * len(ids)
+        response += [is_response] * len(ids)
     if tokenizer.bos_id is not None and tokens[:1] != [tokenizer.bos_id]:
         tokens.insert(0, tokenizer.bos_id)
-        trained.insert(0, False)
+        response.insert(0, False)
     if tokenizer.eos_id is not None and tokens[-1:] != [tokenizer.eos_id]:
         tokens.append(tokenizer.eos_id)
-        trained.append(True)
+        response.append(True)
     truncated = len(tokens) > max_seq_len + 1
-    tokens, trained = tokens[:max_seq_len + 1], trained[:max_seq_len + 1]
-    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(tokens[1:], trained[1:])]
-    return Example(tokens[:-1], labels), truncated
+    tokens, response = tokens[:max_seq_len + 1], response[:max_seq_len + 1]
+    labels = [tok if keep or train_on_prompt else IGNORE_INDEX
+              for tok, keep in zip(tokens[1:], response[1:])]
+    prompt_len = max(1, response.index(True) if True in response else len(tokens))
+    answer_len = 0
+    while prompt_len + answer_len < len(tokens) and response[prompt_len + answer_len]:
+        answer_len += 1
+    return Example(tokens[:-1], labels, prompt_len, answer_len), truncated
 
 
 def _records(path: str, text: str) -> Iterator[tuple[str, object]]:
@@ -160,9 +198,6 @@ def _records(path: str, text: str) -> Iterator[tuple[str, object]]:
 def read_text(path: str) -> str:
     if path.startswith("builtin:"):
         return resources.files("qlora.data").joinpath(BUILTIN_DATA_FILE).read_text(encoding="utf-8")
-    if path.endswith(".parquet"):
-        raise ValueError(f"{path}: Parquet is not supported (no Parquet reader is a dependency); "
-                         f"convert it to JSONL")
     return read_file_text(path)  # errors name the file (and the line of a byte not in UTF-8)
 
 
@@ -185,13 +220,14 @@ def read_records(path: str, skip_bad_lines: bool,
     return out
 
 
-def load_examples(path: str, fmt: str, tokenizer, *, max_seq_len: int, train_on_prompt: bool,
-                  skip_bad_lines: bool, stats: Optional[ReadStats] = None) -> list[Example]:
-    """Every record of ``path`` as an :class:`Example`; bad records fail with ``file:line: why``
-    (or are skipped and counted in ``stats.bad_lines`` with ``skip_bad_lines``)."""
+def tokenize_records(records: Iterable[tuple[str, object]], fmt: str, tokenizer, *, max_seq_len: int,
+                     train_on_prompt: bool, skip_bad_lines: bool,
+                     stats: Optional[ReadStats] = None) -> list[Example]:
+    """Every ``(location, record)`` as an :class:`Example`; bad records fail with
+    ``location: why`` (or are skipped and counted in ``stats.bad_lines`` with ``skip_bad_lines``)."""
     stats = stats if stats is not None else ReadStats()
     examples = []
-    for where, record in read_records(path, skip_bad_lines, stats):
+    for where, record in records:
         try:
             parts = record_parts(record, fmt, tokenizer)
         except BadRecord as err:
@@ -208,3 +244,13 @@ def load_examples(path: str, fmt: str, tokenizer, *, max_seq_len: int, train_on_
             continue
         examples.append(example)
     return examples
+
+
+def load_examples(path: str, fmt: str, tokenizer, *, max_seq_len: int, train_on_prompt: bool,
+                  skip_bad_lines: bool, stats: Optional[ReadStats] = None) -> list[Example]:
+    """Every record of the JSON/JSONL file ``path`` as an :class:`Example`
+    (:func:`tokenize_records` of :func:`read_records`)."""
+    stats = stats if stats is not None else ReadStats()
+    return tokenize_records(read_records(path, skip_bad_lines, stats), fmt, tokenizer,
+                            max_seq_len=max_seq_len, train_on_prompt=train_on_prompt,
+                            skip_bad_lines=skip_bad_lines, stats=stats)

@@ -52,7 +52,8 @@ RESUMABLE_CHANGES = {"train.output_dir", "train.max_steps", "train.eval_every", 
                      "checkpoint.every", "checkpoint.keep", "logging.progress_bar",
                      "logging.every", "logging.loss_plot", "logging.sample_prompt",
                      "logging.sample_max_new_tokens", "logging.exact_match_examples",
-                     "train.gpu_memory_gb", "model.embedding_on_host"}
+                     "train.gpu_memory_gb", "model.embedding_on_host",
+                     "logging.report_to", "logging.project"}
 
 
 @dataclass

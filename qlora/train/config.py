@@ -6,10 +6,11 @@
 
 Defaults are the QLoRA recipe (Dettmers et al. 2023): NF4 with double quantization, bf16
 compute, LoRA r=16 with α=16 (scaling α/r = 1) and dropout 0.05 on every linear layer, constant
-lr 2e-4 after a 3% warmup, gradient clipping at 0.3, paged AdamW. Every error names the key and
-the value that was wrong: an unknown key also names the closest valid one. Numbers must be
-finite in float32 (``.nan``, ``.inf`` and 1e39 are refused), and a key given twice in one YAML
-mapping is refused.
+lr 2e-4 after a 3% warmup, gradient clipping at 0.3, paged AdamW. These are the only defaults:
+the built-in tiny run is the shipped config ``builtin:tiny`` (qlora/train/tiny.yaml) on top of
+them. Every error names the key and the value that was wrong: an unknown key also names the
+closest valid one. Numbers must be finite in float32 (``.nan``, ``.inf`` and 1e39 are refused),
+and a key given twice in one YAML mapping is refused.
 """
 from __future__ import annotations
 
@@ -17,33 +18,51 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from qlora.data.sources import DATA_FORMATS, check_dataset_specs
 from qlora.util.files import read_text
 
 FLOAT32_MAX = 3.4028234663852886e38  # a larger lr or decay overflows the optimizer's float32 math
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:tasks"
+BUILTIN_RUN = "builtin:tiny"  # the shipped config of `qlora train` with no arguments
+BUILTIN_RUN_FILE = "tiny.yaml"
+# the experiment trackers of accelerate that logging.report_to can name
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 AUTO = "auto"  # a memory option `qlora train` decides from the memory plan (qlora.memory.plan)
 
 
 def _spec(default, *, choices=None, min=None, max=None, min_exclusive=False, nonempty=False, auto=False,
-          help=""):
+          check=None, help=""):
     """A dataclass field with its allowed values, checked by ``_check_value``; ``auto``: the
-    value may also be "auto"."""
+    value may also be "auto"; ``check``: a function that raises ValueError for a bad value of a
+    list field."""
     meta = dict(choices=choices, min=min, max=max, min_exclusive=min_exclusive, nonempty=nonempty, auto=auto,
-                help=help)
+                check=check, help=help)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def check_trackers(key: str, names: list) -> None:
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"{key}: {name!r} is not one of {', '.join(TRACKERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key}: names a tracker twice: {names}")
+
+
 @dataclass
 class ModelConfig:
-    name_or_path: str = _spec(BUILTIN_MODEL, nonempty=True, help="Hugging Face checkpoint directory, "
-                              f"or {BUILTIN_MODEL!r}: the shipped tiny Llama with seeded random weights")
+    name_or_path: Optional[str] = _spec(None, nonempty=True,
+                                        help="Hugging Face checkpoint directory, a hub model id "
+                                        "in the local Hugging Face cache (resolved offline), or "
+                                        f"{BUILTIN_MODEL!r}: the shipped tiny Llama with seeded "
+                                        "random weights")
     trust_remote_code: bool = _spec(False, help="run the Python code a model directory ships "
                                     "(config.json auto_map); never done otherwise")
     init_seed: int = _spec(0, min=0, help="seed of the built-in model's weights")
@@ -101,9 +120,20 @@ class QuantConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _spec(BUILTIN_DATA, nonempty=True, help=f"JSON/JSONL file, or {BUILTIN_DATA!r} (shipped)")
-    format: str = _spec("alpaca", choices=["alpaca", "chat", "completion"])
-    eval_path: Optional[str] = _spec(None, help="held-out file; None: split eval_fraction off path")
+    path: Optional[str] = _spec(None, nonempty=True,
+                                help="JSON/JSONL/CSV/Parquet file, a directory written by "
+                                "datasets' save_to_disk, a dataset id in the local Hugging Face "
+                                f"cache, or {BUILTIN_DATA!r} (shipped)")
+    format: str = _spec("alpaca", choices=list(DATA_FORMATS))
+    split: str = _spec("train", help="the split of a Hugging Face dataset (save_to_disk or cache)")
+    datasets: Optional[list[dict]] = _spec(None, check=check_dataset_specs,
+                                           help="several datasets mixed, instead of path: a list of "
+                                                "{path, format, split, weight}; format and split "
+                                                "default to the keys above, weight (default 1) "
+                                                "is how many times each example is used per epoch")
+    eval_path: Optional[str] = _spec(None, help="held-out data (any source data.path takes); None: "
+                                     "split eval_fraction off each training dataset")
+    eval_split: str = _spec("test", help="the split of eval_path when it is a Hugging Face dataset")
     eval_fraction: float = _spec(0.05, min=0.0, max=0.5)
     max_seq_len: int = _spec(512, min=8)
     train_on_prompt: bool = _spec(False, help="also train on the prompt tokens")
@@ -115,7 +145,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _spec("runs/qlora", nonempty=True, help="the run's directory; one run at a time")
-    max_steps: int = _spec(1000, min=1, help="optimizer steps")
+    max_steps: int = _spec(1000, min=1, help="optimizer steps (unless num_epochs is set)")
+    num_epochs: Optional[float] = _spec(None, min=0, min_exclusive=True,
+                                        help="passes over the training data; when set, it fixes "
+                                             "max_steps (rounded up to whole optimizer steps)")
     micro_batch_size: int = _spec(4, min=1, help="sequences per forward pass (per process)")
     gradient_accumulation_steps: int = _spec(4, min=1)
     max_grad_norm: float = _spec(0.3, min=0.0, help="0 disables clipping")
@@ -152,9 +185,14 @@ class LoggingConfig:
     progress_bar: bool = _spec(True)
     every: int = _spec(1, min=1, help="steps between metrics lines")
     loss_plot: bool = _spec(True, help="write loss.png at the end")
-    tensorboard: bool = _spec(False, help="also log the metrics to TensorBoard event files under "
-                              "train.output_dir/tensorboard, through accelerate's tracker (needs "
-                              "the tensorboard package: pip install 'qlora[tensorboard]')")
+    report_to: list = _spec([], check=check_trackers,
+                            help="trackers that also get the metrics, through accelerate: "
+                                 "tensorboard (event files under train.output_dir/tensorboard; "
+                                 "pip install 'qlora[tensorboard]'), wandb (pip install "
+                                 "'qlora[wandb]'; WANDB_MODE=offline needs no network), mlflow, "
+                                 "comet_ml, aim, clearml, dvclive")
+    project: str = _spec("qlora", help="the project (wandb, comet_ml, aim) or experiment (mlflow) "
+                         "the trackers log the run under")
     sample_prompt: Optional[str] = _spec(None, help="answered before and after training; "
                                          "None: the first held-out example's prompt")
     sample_max_new_tokens: int = _spec(48, min=1)
@@ -224,10 +262,15 @@ def _coerce(key: str, value: Any, hint) -> Any:
     elif hint is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
+    elif hint == list[dict]:
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            return [dict(v) for v in value]
     raise ValueError(f"{key}: expected {_type_name(hint)}, got {value!r}")
 
 
 def _check_value(key: str, value: Any, meta) -> None:
+    if meta.get("check") is not None and value is not None:
+        meta["check"](key, value)
     if value is None or isinstance(value, (bool, list)) or (meta.get("auto") and value == AUTO):
         return
     if meta.get("auto") and isinstance(value, str):
@@ -315,8 +358,13 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: str) -> dict:
+    """The YAML file ``path``, or the shipped config :data:`BUILTIN_RUN`."""
     try:
-        data = yaml.load(read_text(path), Loader=UniqueKeyLoader)
+        if path == BUILTIN_RUN:
+            text = resources.files("qlora.train").joinpath(BUILTIN_RUN_FILE).read_text(encoding="utf-8")
+        else:
+            text = read_text(path)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -327,11 +375,10 @@ def read_yaml(path: str) -> dict:
     return {} if data is None else data
 
 
-def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] = None) -> Config:
-    """Defaults, then ``base`` (a mapping), then the YAML file at ``path``, then ``overrides``."""
+def load_config(path: Optional[str] = None, overrides=()) -> Config:
+    """Defaults, then the YAML file at ``path`` (or the shipped :data:`BUILTIN_RUN`), then
+    ``overrides``."""
     cfg = Config()
-    if base is not None:
-        update_config(cfg, base, "built-in defaults")
     if path is not None:
         update_config(cfg, read_yaml(path), path)
     for assignment in overrides:

@@ -28,10 +28,13 @@ class DataChangedError(ValueError):
 
 
 def data_files(cfg: Config) -> dict[str, Path]:
-    """``{"data.path": file, "data.eval_path": file}`` for the keys set to a file (the built-in
-    data is the file shipped in the package)."""
+    """``{"data.path": file, "data.datasets[0].path": file, "data.eval_path": file}`` for the keys
+    set (the built-in data is the file shipped in the package); a hub dataset id or a
+    save_to_disk directory is no file and is left out."""
+    keys = [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)]
+    keys += [(f"data.datasets[{i}].path", entry["path"]) for i, entry in enumerate(cfg.data.datasets or [])]
     out = {}
-    for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+    for key, value in keys:
         if value is None:
             continue
         if value.startswith("builtin:"):

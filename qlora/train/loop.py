@@ -13,6 +13,7 @@ trainers accumulate does not).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -27,24 +28,26 @@ import torch
 from torch import nn
 
 from qlora.ops.backend import get_backend
-from qlora.data.batching import BatchStream, collate, single
+from qlora.data.batching import BatchStream, collate, single, steps_for_epochs
 from qlora.data.formats import IGNORE_INDEX
 from qlora.ops.losses import final_logit_transform, head_loss
 from qlora.train import checkpoint as ckpt
 from qlora.train import fsdp
 from qlora.adalora.training import AdaLoRATraining
+from qlora.model.inject import trainable_parameters
 from qlora.train.config import Config, config_to_dict, dump_config
-from qlora.train.dataset import build_data, prompt_and_answer
+from qlora.train.dataset import build_data, locate_data, prompt_and_answer
 from qlora.train.fingerprint import check_same_data, fingerprint
 from qlora.train.guard import NonFiniteLossError, NonFiniteUpdateError, TrainingStopped, all_finite, \
     non_finite_update_message
-from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, plot_loss, \
-    tensorboard_values
+from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, peak_memory_mib, \
+    plot_loss, tracker_values
 from qlora.optim.master import master_weights_in_place
 from qlora.train.memory_options import apply_memory_options, memory_options
-from qlora.train.model import build_model
+from qlora.train.model import build_model, load_tokenizer
 from qlora.train.optimizer import build_optimizer, build_scheduler
 from qlora.train.run_dir import decided_on_main, lock_run_dir, take_over
+from qlora.train.trackers import Trackers
 
 
 def _output_head(model) -> nn.Module:
@@ -97,6 +100,10 @@ class TrainResult:
     sample_after: Optional[str] = None
     exact_match_before: Optional[float] = None  # fraction of the scored held-out examples
     exact_match_after: Optional[float] = None
+    trainable_parameters: int = 0
+    parameters: int = 0  # all of the model's, an NF4 weight counted as its number of elements
+    tokens_per_s: Optional[float] = None  # input tokens (all processes) per second of training steps
+    peak_memory_mib: Optional[float] = None  # qlora.train.metrics.peak_memory_mib at the end
 
 
 def _mixed_precision(cfg: Config) -> str:
@@ -139,14 +146,15 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> flo
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of ``prompt_ids`` (uses no random numbers)."""
+def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, streamer=None) -> str:
+    """Greedy continuation of ``prompt_ids`` (uses no random numbers); ``streamer``
+    (qlora.data.streaming.TextStreamer) gets the tokens as they are generated."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids = model.generate(torch.tensor([prompt_ids], device=device), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
-                         pad_token_id=tokenizer.pad_id,
+                         pad_token_id=tokenizer.pad_id, streamer=streamer,
                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device))
     model.train(was_training)
     return tokenizer.decode(ids[0, len(prompt_ids):].tolist())
@@ -162,6 +170,12 @@ def exact_match(model, tokenizer, examples) -> int:
         prompt, answer = prompt_and_answer(example)
         hits += generate(model, tokenizer, prompt, len(answer) + 1) == tokenizer.decode(answer)
     return hits
+
+
+def scored_examples(held_out: list, limit: int) -> list:
+    """The first ``limit`` held-out examples that have an answer to score (truncation can cut
+    it when the prompt is trained too)."""
+    return [e for e in held_out if e.answer_len][:limit]
 
 
 def _sample_prompt(cfg: Config, tokenizer, held_out) -> tuple[list[int], Optional[str]]:
@@ -208,17 +222,6 @@ def _patch_fused_kernels(model, device) -> dict:
         raise ValueError(f"model.fused_kernels: {err}") from None
 
 
-def _trackers(cfg: Config) -> Optional[str]:
-    if not cfg.logging.tensorboard:
-        return None
-    from accelerate.utils import is_tensorboard_available
-
-    if not is_tensorboard_available():
-        raise ValueError("logging.tensorboard: true needs the tensorboard package: "
-                         "pip install 'qlora[tensorboard]'")
-    return "tensorboard"
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, out=None, plan=None, *,
                  overwrite: bool = False, allow_changed_data: bool = False):
@@ -243,14 +246,27 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)  # train.max_steps follows train.num_epochs
         self.out = out or sys.stdout
         self.output_dir = Path(cfg.train.output_dir)
+        # the data is found, read and tokenized before the model loads: bad data fails in seconds
+        sources = locate_data(cfg)
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        self.trackers = Trackers(cfg, self.output_dir)
         self.acc = Accelerator(cpu=not torch.cuda.is_available(),
                                mixed_precision=_mixed_precision(cfg),
-                               log_with=_trackers(cfg), project_dir=str(self.output_dir))
+                               log_with=self.trackers.log_with or None, project_dir=str(self.output_dir))
         self.world = self.acc.num_processes
         set_seed(cfg.train.seed)
+        self.data = build_data(cfg, self.tokenizer, sources)
+        self.log(self.data.summary())
+        if cfg.train.num_epochs is not None:
+            cfg.train.max_steps = steps_for_epochs(len(self.data.train),
+                                                   cfg.train.micro_batch_size * self.world,
+                                                   cfg.train.gradient_accumulation_steps,
+                                                   cfg.train.num_epochs)
+            self.log(f"train.num_epochs={cfg.train.num_epochs:g}: {cfg.train.max_steps} optimizer steps")
+        # the directory is claimed once the data is known good: bad data leaves a previous run alone
         self.data_files, self.metrics = {}, None
         self.resumed_from = decided_on_main(
             self.acc, lambda: self._claim_output_dir(resume, overwrite, allow_changed_data))
@@ -258,7 +274,7 @@ class Trainer:
         # PEFT adapter
         adapter_dir = None if self.resumed_from is None or cfg.lora.type == "adalora" \
             else self.resumed_from / "adapter"
-        self.model, self.tokenizer = build_model(cfg, self.acc.device, adapter_dir)
+        self.model = build_model(cfg, self.acc.device, adapter_dir)
         self.plan = plan  # qlora.memory.plan.MemoryPlan from `qlora train`, or None
         self.memory_notes = apply_memory_options(self.model, **memory_options(cfg))
         self.adalora = AdaLoRATraining(self.model, cfg.lora, cfg.train.max_steps) if cfg.lora.type == "adalora" else None
@@ -270,7 +286,6 @@ class Trainer:
             enable_checkpointing(self.model, offload=cfg.model.offload_activations)
         self.model.train()
         self.fsdp_plan = self._shard() if fsdp.fsdp_requested() else None
-        self.data = build_data(cfg, self.tokenizer)
         # after sharding: under FSDP the optimizer updates each process's shards
         self.optimizer = build_optimizer(
             self.model, cfg, gpu_budget_bytes=plan.optimizer_budget_bytes if plan else None)
@@ -313,8 +328,8 @@ class Trainer:
         """One metrics record: to the JSONL on the main process, and to the trackers."""
         if metrics is not None:
             metrics.write(record)
-        if self.cfg.logging.tensorboard:
-            self.acc.log(tensorboard_values(record), step=record["step"])
+        if self.cfg.logging.report_to:
+            self.acc.log(tracker_values(record), step=record["step"])
 
     def log(self, text: str) -> None:
         if self.acc.is_main_process:
@@ -465,7 +480,6 @@ class Trainer:
         self.log(f"model: {cfg.model.name_or_path}, {_adapter_summary(cfg)}, "
                  f"{n_params:,} trainable parameters; device {acc.device}, {self.world} process(es), "
                  f"{'NF4 base' if cfg.quant.enabled else 'dense base'}")
-        self.log(self.data.summary())
         for line in self.fsdp_plan or []:
             self.log(line)
         if self.plan is not None:
@@ -480,12 +494,8 @@ class Trainer:
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.metrics_lines) \
             if acc.is_main_process else None
         self.metrics = metrics
-        if cfg.logging.tensorboard:
-            # a resumed run hides what the interrupted one logged after its checkpoint, as the
-            # JSONL drops those lines
-            acc.init_trackers("tensorboard", config=hyperparameters(config_to_dict(cfg)),
-                              init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}}
-                              if self.resumed_from is not None else {})
+        self.trackers.start(acc, hyperparameters(config_to_dict(cfg)),
+                            self.state.step if self.resumed_from is not None else None)
         try:
             return self._run(metrics)
         finally:
@@ -498,6 +508,8 @@ class Trainer:
 
         cfg, acc = self.cfg, self.acc
         result = TrainResult(self.output_dir, self.output_dir / "adapter", self.state.step)
+        counts = trainable_parameters(self.model)
+        result.trainable_parameters, result.parameters = counts.trainable, counts.total
         prompt_ids, expected = _sample_prompt(cfg, self.tokenizer, self.data.eval)
         self.sample_prompt_ids = prompt_ids
         if prompt_ids and self.resumed_from is None:
@@ -514,12 +526,15 @@ class Trainer:
                    disable=not (acc.is_main_process and cfg.logging.progress_bar),
                    dynamic_ncols=True, file=sys.stderr)
         tick, tick_tokens = time.perf_counter(), self.state.tokens_seen
+        start_tokens, step_seconds = self.state.tokens_seen, 0.0
         while self.state.step < cfg.train.max_steps:
+            started = time.perf_counter()
             try:
                 record = self.train_step()
             except TrainingStopped:
                 bar.close()
                 raise
+            step_seconds += time.perf_counter() - started
             if record["skipped"]:
                 self.log(f"step {record['step']}: non-finite loss {record['loss']} or gradient norm "
                          f"{record['grad_norm']}; step skipped "
@@ -548,6 +563,9 @@ class Trainer:
         bar.close()
 
         result.steps = self.state.step
+        if step_seconds:
+            result.tokens_per_s = (self.state.tokens_seen - start_tokens) / step_seconds
+        result.peak_memory_mib = peak_memory_mib(acc.device)
         if self.adalora is not None:
             self.adalora.fix_final_ranks()  # evaluated and sampled with the final ranks
         # before the final evaluation: a run resumed from this checkpoint (killed while
@@ -582,7 +600,7 @@ class Trainer:
                             self.cfg.logging.sample_max_new_tokens)
 
     def _scored_examples(self) -> list:
-        return self.data.eval[:self.cfg.logging.exact_match_examples]
+        return scored_examples(self.data.eval, self.cfg.logging.exact_match_examples)
 
     def _exact_match(self) -> float:
         scored = self._scored_examples()

@@ -1,4 +1,4 @@
-"""Run metrics: the JSONL log, its TensorBoard view, the memory reading of the progress bar, the
+"""Run metrics: the JSONL log, its view for the trackers (TensorBoard, wandb, ...), the memory reading of the progress bar, the
 loss plot."""
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ import torch
 from qlora.util.atomic import write_atomic
 
 
-def memory_used(device: torch.device) -> str:
-    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set size on CPU, in MiB."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
+        return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is in KiB on Linux
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}MiB"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def memory_used(device: torch.device) -> str:
+    """:func:`peak_memory_mib` for the progress bar."""
+    if device.type == "cuda":
+        return f"{peak_memory_mib(device) / 2**10:.2f}GiB"
+    return f"{peak_memory_mib(device):.0f}MiB"
 
 
 class MetricsLog:
@@ -41,8 +48,8 @@ class MetricsLog:
         self.lines += 1
 
 
-def tensorboard_values(record: dict) -> dict:
-    """A metrics record as TensorBoard tags: numbers as scalars, the sample answer as text;
+def tracker_values(record: dict) -> dict:
+    """A metrics record as the trackers' tags: numbers as scalars, the sample answer as text;
     held-out values under ``eval/``, the rest under ``train/``."""
     values = {}
     for key, value in record.items():

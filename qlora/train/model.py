@@ -1,9 +1,10 @@
-"""The model and tokenizer a run trains: the built-in tiny Llama or a Hugging Face checkpoint,
-NF4-quantized and with LoRA adapters added (``qlora.load_model`` / ``quantize_model`` /
-``add_lora``)."""
+"""The model and tokenizer a run trains: the built-in tiny Llama or a Hugging Face checkpoint
+(a directory, or a hub id found in the local cache), NF4-quantized and with LoRA adapters added
+(``qlora.load_model`` / ``quantize_model`` / ``add_lora``)."""
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from qlora.data.tokenizer import ByteTokenizer, HFTokenizer
 from qlora.model.hf_config import TRUST_HOW, check_causal_lm, check_remote_code, read_config_json
 from qlora.train.config import BUILTIN_MODEL, Config
+from qlora.util.hub import cache_dir, local_snapshot
 
 BUILTIN_CONFIG_FILE = "tiny-llama-bytes.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -22,15 +24,32 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return _DTYPES[cfg.quant.compute_dtype] if device.type == "cuda" else torch.float32
 
 
+def resolve_model(name_or_path) -> str:
+    """``model.name_or_path`` as a local directory (or the built-in model): a hub id is looked up
+    in the local Hugging Face cache and never downloaded."""
+    if name_or_path is None:
+        raise ValueError("model.name_or_path: not set; name a Hugging Face checkpoint directory or "
+                         "a model in the local Hugging Face cache, or run `qlora train` with no "
+                         "arguments for the built-in run")
+    if name_or_path == BUILTIN_MODEL or os.path.isdir(name_or_path):
+        return name_or_path
+    snapshot = local_snapshot(name_or_path, "model")
+    if snapshot is None:
+        raise ValueError(f"model.name_or_path: {name_or_path!r} is not a directory, nor a model in "
+                         f"the local Hugging Face cache ({cache_dir()}); qlora never downloads: "
+                         f"fetch it first, e.g. `huggingface-cli download {name_or_path}`")
+    return str(snapshot)
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The built-in byte tokenizer, or the checkpoint's (its shipped code only if trusted)."""
-    if name_or_path == BUILTIN_MODEL:
+    path = resolve_model(name_or_path)
+    if path == BUILTIN_MODEL:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
     try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(name_or_path,
-                                                         trust_remote_code=trust_remote_code))
+        return HFTokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
     except ValueError as err:
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
@@ -66,24 +85,24 @@ def base_model(cfg: Config, device: torch.device):
     dtype = compute_dtype(cfg, device)
     q = cfg.quant
     trust = cfg.model.trust_remote_code
-    if cfg.model.name_or_path != BUILTIN_MODEL:
-        path = Path(cfg.model.name_or_path)
-        config = read_config_json(path)
-        check_remote_code(path, config, trust)
-        check_causal_lm(path, config)
-    if cfg.model.name_or_path == BUILTIN_MODEL:
+    path = resolve_model(cfg.model.name_or_path)
+    if path != BUILTIN_MODEL:
+        config = read_config_json(Path(path))
+        check_remote_code(Path(path), config, trust)
+        check_causal_lm(Path(path), config)
+    if path == BUILTIN_MODEL:
         model = builtin_model(cfg.model.init_seed, dtype)
         if q.enabled:
             quantize_model(model, blocksize=q.blocksize, double_quant=q.double_quant)
         model.to(device)
     elif q.enabled:
-        model = load_model(cfg.model.name_or_path, compute_dtype=dtype, device=device,
+        model = load_model(path, compute_dtype=dtype, device=device,
                            blocksize=q.blocksize, double_quant=q.double_quant,
                            trust_remote_code=trust)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                      trust_remote_code=trust).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -115,8 +134,8 @@ def add_adapters(model, cfg: Config) -> None:
 
 
 def build_model(cfg: Config, device: torch.device, adapter_dir=None):
-    """(model with trainable adapters, tokenizer). The adapter is new (:func:`add_adapters`),
-    or the PEFT-format LoRA/DoRA one in ``adapter_dir`` (``load_adapter``, to resume a run)."""
+    """The model with trainable adapters: new ones (:func:`add_adapters`), or the PEFT-format
+    LoRA/DoRA one in ``adapter_dir`` (``load_adapter``, to resume a run)."""
     from qlora.model.adapters import load_adapter
 
     model = base_model(cfg, device)
@@ -128,4 +147,4 @@ def build_model(cfg: Config, device: torch.device, adapter_dir=None):
             torch.manual_seed(cfg.train.seed)
             add_adapters(model, cfg)
     model.to(device)
-    return model, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    return model

@@ -141,3 +141,41 @@ def test_chat_uses_the_tokenizers_template(tmp_path, byte_bpe_tokenizer, templat
     assert hf.decode(tokens[n_prompt:]) == trained_text
     assert all(t != IGNORE_INDEX for t in example.labels[n_prompt - 1:])
     assert tokens.count(hf.bos_token_id) == 1 and tokens.count(hf.eos_token_id) == 1
+
+
+def test_sharegpt_is_chat_with_sharegpt_speakers(tmp_path):
+    turns = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+             {"from": "gpt", "value": "hello"}]
+    sharegpt = _write(tmp_path / "s.jsonl", [{"conversations": turns}])
+    chat = _write(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}]}])
+    assert _load(sharegpt, "sharegpt") == _load(chat, "chat")
+    bad = _write(tmp_path / "b.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: conversations\[0\]\.from is 'bot', expected one of "
+                                         r"system, human, user, gpt, assistant"):
+        _load(bad, "sharegpt")
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_prompt_and_answer_whatever_is_trained(tmp_path, train_on_prompt):
+    """The held-out prompt and expected answer are the same whether or not the prompt is trained
+    (with data.train_on_prompt the prompt was once empty and the whole text the "answer")."""
+    from qlora.train.dataset import prompt_and_answer
+
+    alpaca = _write(tmp_path / "a.jsonl", [{"instruction": "Reverse: abc", "output": "cba"}])
+    (example,) = _load(alpaca, "alpaca", train_on_prompt=train_on_prompt)
+    prompt, answer = prompt_and_answer(example)
+    assert prompt == [TOK.bos_id] + TOK.encode(alpaca_prompt("Reverse: abc"))
+    assert answer == TOK.encode("cba") + [TOK.eos_id]
+    # a conversation: the first assistant turn is the answer, the next user turn is not part of it
+    chat = _write(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}])
+    (example,) = _load(chat, "chat", train_on_prompt=train_on_prompt)
+    prompt, answer = prompt_and_answer(example)
+    assert TOK.decode(prompt) == "<|user|>\nhi\n<|assistant|>\n" and TOK.decode(answer) == "hello\n"
+    # truncation inside the answer keeps what is left of it
+    (example,) = _load(alpaca, "alpaca", train_on_prompt=train_on_prompt,
+                       max_seq_len=len(alpaca_prompt("Reverse: abc")) + 2)
+    assert TOK.decode(prompt_and_answer(example)[1]) == "cb"

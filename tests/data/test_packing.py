@@ -8,7 +8,7 @@ from qlora.train.model import builtin_model
 
 def _example(n, start):
     ids = list(range(start, start + n))
-    return Example(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 + 1:] + [start + n])
+    return Example(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 + 1:] + [start + n], n // 2 + 1, n - n // 2)
 
 
 def test_pack_restarts_positions_and_never_splits_an_example():
@@ -26,7 +26,7 @@ def test_packed_row_computes_each_example_as_if_alone():
     crosses an example boundary and each example's positions start at 0."""
     model = builtin_model(init_seed=0).eval()
     gen = torch.Generator().manual_seed(0)
-    examples = [Example(torch.randint(0, 256, (n,), generator=gen).tolist(), [1] * n) for n in (7, 12, 5)]
+    examples = [Example(torch.randint(0, 256, (n,), generator=gen).tolist(), [1] * n, 1, n) for n in (7, 12, 5)]
     batch = collate(pack(examples, max_seq_len=32), pad_id=258, packed=True)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 24)
     with torch.no_grad():
@@ -75,3 +75,16 @@ def test_group_by_length_reduces_padding():
     plain = epoch_batches(lengths, 8, seed=0, epoch=0, group_by_length=False)
     assert sorted(i for b in grouped for i in b) == list(range(512))
     assert padding(grouped) < padding(plain) / 5
+
+
+def test_steps_for_epochs_is_whole_passes_rounded_up():
+    from qlora.data.batching import BatchStream, steps_for_epochs
+
+    lengths = [5] * 10  # global batch 3: 3 micro-batches an epoch, the 10th sequence dropped
+    for epochs, accumulation in [(2, 2), (1, 1), (0.5, 1), (3, 4)]:
+        steps = steps_for_epochs(len(lengths), 3, accumulation, epochs)
+        stream = BatchStream(lengths, 3, seed=0, group_by_length=False)
+        for _ in range(steps * accumulation):
+            stream.next()
+        # the last step may run into the next epoch, never ends short of the passes asked for
+        assert epochs * 3 <= stream.position < epochs * 3 + accumulation

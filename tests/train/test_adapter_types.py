@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from qlora import load_adapter
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.train.loop import Trainer, train
 from qlora.train.model import base_model
 
@@ -16,7 +17,7 @@ SMALL = ["logging.progress_bar=false", "logging.sample_max_new_tokens=2", "train
 
 
 def _cfg(out, *overrides):
-    return resolve_config(None, [f"train.output_dir={out}", *SMALL, *overrides])
+    return resolve_config(BUILTIN_RUN, [f"train.output_dir={out}", *SMALL, *overrides])
 
 
 def test_dora_run_saves_magnitudes(tmp_path):

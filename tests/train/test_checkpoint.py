@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from qlora.cli import main
 from qlora.cli.train import resolve_config
 from qlora.train import loop
+from qlora.train.config import BUILTIN_RUN
 from qlora.train.checkpoint import list_checkpoints
 from qlora.train.loop import Trainer, train
 from qlora.train.metrics import read_metrics
@@ -37,7 +38,7 @@ def _files(path: Path) -> dict:
 def test_checkpoints_rotate_refuse_incompatible_and_are_never_rewritten(tmp_path):
     overrides = [f"train.output_dir={tmp_path}", "train.max_steps=4", "checkpoint.every=1",
                  "checkpoint.keep=2", *SMALL]
-    result = train(resolve_config(None, overrides))
+    result = train(resolve_config(BUILTIN_RUN, overrides))
     found = list_checkpoints(str(tmp_path))
     assert [p.name for p in found] == ["step-3", "step-4"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -48,10 +49,10 @@ def test_checkpoints_rotate_refuse_incompatible_and_are_never_rewritten(tmp_path
 
     with pytest.raises(ValueError, match=r"cannot resume from .*step-4.*lora\.r: 64 in the "
                                          r"checkpoint, 8 in this run"):
-        train(resolve_config(None, overrides + ["lora.r=8"]), resume="latest")
+        train(resolve_config(BUILTIN_RUN, overrides + ["lora.r=8"]), resume="latest")
 
     before = _files(found[-1])
-    again = train(resolve_config(None, overrides + ["checkpoint.keep=1"]), resume=str(found[-1]))
+    again = train(resolve_config(BUILTIN_RUN, overrides + ["checkpoint.keep=1"]), resume=str(found[-1]))
     assert again.steps == 4 and _files(found[-1]) == before
 
 
@@ -110,13 +111,13 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
 def test_bitsandbytes_paged_adamw_trains_and_resumes_exactly(tmp_path):
     overrides = [f"train.output_dir={tmp_path}", "train.max_steps=4", "checkpoint.every=2",
                  "optim.name=bnb_paged_adamw", *SMALL]
-    first = train(resolve_config(None, overrides))
+    first = train(resolve_config(BUILTIN_RUN, overrides))
     adapter = first.adapter_dir / "adapter_model.safetensors"
     want = load_file(str(adapter))
     # bitsandbytes' optimizer state (its quant-state dict included) is read back with
     # weights_only=True, and the run goes on exactly where the step-2 checkpoint left it
     step2 = next(p for p in list_checkpoints(str(tmp_path)) if p.name == "step-2")
-    again = train(resolve_config(None, overrides), resume=str(step2))
+    again = train(resolve_config(BUILTIN_RUN, overrides), resume=str(step2))
     got = load_file(str(again.adapter_dir / "adapter_model.safetensors"))
     assert want.keys() == got.keys() and want
     for key in want:
@@ -132,13 +133,13 @@ def test_bitsandbytes_paged_adamw_is_adamw():
 
     torch.manual_seed(0)
     model = nn.Linear(64, 256)
-    cfg = resolve_config(None, ["optim.name=bnb_paged_adamw", "optim.weight_decay=0.01"])
+    cfg = resolve_config(BUILTIN_RUN, ["optim.name=bnb_paged_adamw", "optim.weight_decay=0.01"])
     optimizer = build_optimizer(model, cfg)
     assert isinstance(optimizer, bnb.optim.PagedAdamW)
     reference = nn.Linear(64, 256)
     reference.load_state_dict(model.state_dict())
     initial = model.weight.detach().clone()
-    cfg_torch = resolve_config(None, ["optim.name=adamw", "optim.weight_decay=0.01"])
+    cfg_torch = resolve_config(BUILTIN_RUN, ["optim.name=adamw", "optim.weight_decay=0.01"])
     reference_optimizer = build_optimizer(reference, cfg_torch)
     for scale in (1.0, 0.5, 2.0):
         grads = [torch.randn_like(p) * scale for p in model.parameters()]

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from qlora.cli import main
-from qlora.train.config import Config, apply_override, dump_config, load_config, valid_keys
+from qlora.train.config import BUILTIN_RUN, Config, apply_override, dump_config, load_config, \
+    update_config, valid_keys
 
 
 def test_defaults_are_the_qlora_recipe():
@@ -14,6 +15,9 @@ def test_defaults_are_the_qlora_recipe():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16.0, 0.05)
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (2e-4, "constant", 0.03)
     assert (cfg.train.max_grad_norm, cfg.optim.name) == (0.3, "paged_adamw")
+    assert (cfg.data.max_seq_len, cfg.train.max_steps, cfg.train.num_epochs) == (512, 1000, None)
+    # no model or data by default: a run names them (or is the built-in run, a shipped config)
+    assert (cfg.model.name_or_path, cfg.data.path) == (None, None)
     assert {k.split(".")[0] for k in valid_keys()} == {
         "model", "lora", "quant", "data", "train", "optim", "checkpoint", "logging"}
 
@@ -28,7 +32,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.data.packing is True and cfg.optim.lora_plus_ratio == 16.0
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     # the dump reads back to the same config
-    assert load_config(None, base=yaml.safe_load(dump_config(cfg))) == cfg
+    assert update_config(Config(), yaml.safe_load(dump_config(cfg)), "dump") == cfg
 
 
 @pytest.mark.parametrize("text, message", [
@@ -93,7 +97,6 @@ def test_cli_print_config_and_error(capsys):
     assert main(["train", "--print-config", "--set", "lora.r=4"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["lora"]["r"] == 4
-    assert printed["model"]["name_or_path"] == "builtin:tiny-llama"  # the built-in run
     assert main(["train", "--print-config", "--set", "lora.alpah=4"]) == 2
     assert "did you mean 'lora.alpha'?" in capsys.readouterr().err
 
@@ -111,13 +114,41 @@ def test_cli_set_takes_several_assignments(capsys):
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "llama-2-7b.yaml", "llama-2-70b.yaml"])
+@pytest.mark.parametrize("name", ["llama-2-7b.yaml", "llama-2-70b.yaml"])
 def test_example_configs_load(name):
     cfg = load_config(str(EXAMPLES / name))
     assert cfg.quant.enabled and cfg.optim.name == "paged_adamw"
 
 
-def test_tiny_example_is_the_builtin_run():
-    from qlora.cli.train import resolve_config
+def test_one_set_of_defaults_and_the_builtin_run_is_a_shipped_config(capsys):
+    """`qlora train` alone is the built-in run; --set without a config file changes the recipe
+    defaults, not the built-in run's settings (which once leaked into such runs: max_seq_len 64,
+    r 64, lr 1e-3, 600 steps)."""
+    def printed(*args):
+        assert main(["train", *args, "--print-config"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
 
-    assert load_config(str(EXAMPLES / "tiny.yaml")) == resolve_config(None, [])
+    builtin = printed()
+    assert builtin == printed(BUILTIN_RUN)
+    assert (builtin["model"]["name_or_path"], builtin["data"]["path"]) == ("builtin:tiny-llama", "builtin:tasks")
+    assert (builtin["data"]["max_seq_len"], builtin["lora"]["r"], builtin["optim"]["lr"],
+            builtin["train"]["max_steps"]) == (64, 64, 1e-3, 600)
+    # the shipped config sets only what differs from the recipe: every other key is a default
+    recipe = yaml.safe_load(dump_config(Config()))
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "qlora" / "train" / "tiny.yaml").read_text())
+    for section, keys in builtin.items():
+        for key, value in keys.items():
+            assert value == shipped.get(section, {}).get(key, recipe[section][key]), f"{section}.{key}"
+
+    own = printed("--set", "model.name_or_path=/models/x", "data.path=data.jsonl")
+    assert own == {**recipe, "model": {**recipe["model"], "name_or_path": "/models/x"},
+                   "data": {**recipe["data"], "path": "data.jsonl"}}
+    # the built-in run shortened
+    assert printed(BUILTIN_RUN, "--set", "train.max_steps=5")["train"]["max_steps"] == 5
+
+
+def test_missing_model_or_data_is_named(tmp_path, capsys):
+    assert main(["train", "--set", f"train.output_dir={tmp_path}", "model.name_or_path=builtin:tiny-llama"]) == 2
+    assert "data.path: not set" in capsys.readouterr().err
+    assert main(["train", "--set", f"train.output_dir={tmp_path}", "data.path=builtin:tasks"]) == 2
+    assert "model.name_or_path: not set" in capsys.readouterr().err

@@ -15,10 +15,11 @@ import sys
 from safetensors.torch import save_file
 from qlora.model.adapters import adapter_state_dict
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.train.loop import Trainer
 
 out, micro_batch = sys.argv[1], sys.argv[2]
-cfg = resolve_config(None, [f"train.output_dir={out}", f"train.micro_batch_size={micro_batch}",
+cfg = resolve_config(BUILTIN_RUN, [f"train.output_dir={out}", f"train.micro_batch_size={micro_batch}",
                             "train.gradient_accumulation_steps=2", "train.max_steps=3",
                             "lora.dropout=0", "data.max_seq_len=48", "logging.progress_bar=false",
                             "logging.sample_max_new_tokens=1", "logging.exact_match_examples=0",

@@ -39,7 +39,7 @@ def test_train_hf_checkpoint_on_chat_data_then_generate(tmp_path, checkpoint, ca
     cfg = resolve_config(None, [
         f"model.name_or_path={checkpoint}", f"data.path={data}", "data.format=chat",
         "data.eval_fraction=0.1", f"train.output_dir={out}", "train.max_steps=3",
-        "train.micro_batch_size=4", "lora.r=8", "lora.alpha=16", "logging.progress_bar=false",
+        "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "lora.r=8", "lora.alpha=16", "logging.progress_bar=false",
         "logging.sample_max_new_tokens=6", "logging.exact_match_examples=2", "checkpoint.every=0"])
     trainer = Trainer(cfg)
     result = trainer.run()

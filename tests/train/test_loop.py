@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.data.batching import epoch_batches
 from qlora.data.formats import IGNORE_INDEX
 from qlora.train.loop import NonFiniteLossError, Trainer
@@ -14,7 +15,7 @@ from qlora.train.optimizer import lr_factor
 
 
 def _cfg(tmp_path, *overrides):
-    return resolve_config(None, [f"train.output_dir={tmp_path}", "logging.progress_bar=false",
+    return resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path}", "logging.progress_bar=false",
                                  "logging.sample_max_new_tokens=2", "train.max_steps=4",
                                  "logging.exact_match_examples=4",
                                  *overrides])
@@ -133,7 +134,7 @@ def test_exact_match_needs_the_whole_answer_and_its_end():
     def example(prompt, answer):  # labels shifted as qlora.data.formats makes them
         ids = [tok.bos_id, *prompt, *answer]
         labels = [IGNORE_INDEX] * len(prompt) + [*answer, tok.eos_id]
-        return Example(ids, labels)
+        return Example(ids, labels, 1 + len(prompt), len(answer) + 1)
 
     examples = [example(b"A", b"xy"), example(b"B", b"xy"), example(b"C", b"xy"), example(b"D", b"xy")]
     model = _ScriptedModel({(tok.bos_id, *b"A"): [*b"xy", tok.eos_id],   # right

@@ -1,17 +1,25 @@
 """The model a run trains: from a checkpoint directory only a causal LM, and the directory's own
-Python code only with model.trust_remote_code: true; both refused before anything is trained."""
+Python code only with model.trust_remote_code: true; both refused before anything is trained.
+model.name_or_path: a hub model id resolved from the local Hugging Face cache, never the
+network; a missing model is named with where it was looked for."""
+import pytest
+import torch
 import transformers
 
 from qlora.cli import main
+from qlora.model.loading import quantize_model
+from qlora.train.config import load_config
+from qlora.train.model import base_model, load_tokenizer, resolve_model
 
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 SMALL = ["logging.progress_bar=false", "logging.sample_max_new_tokens=2", "train.micro_batch_size=4",
          "data.max_seq_len=48", "logging.exact_match_examples=2", "train.max_steps=2",
          "lora.r=4", "lora.alpha=4"]
 
 
 def _train_args(model, out, *extra):
-    return ["train", *[a for o in [f"model.name_or_path={model}", f"train.output_dir={out}", *SMALL,
-                                   *extra] for a in ("--set", o)]]
+    overrides = [f"model.name_or_path={model}", f"train.output_dir={out}", *SMALL, *extra]
+    return ["train", "builtin:tiny", *[a for o in overrides for a in ("--set", o)]]
 
 
 def test_a_model_directorys_code_runs_only_with_trust_remote_code(
@@ -48,3 +56,46 @@ def test_a_model_that_is_not_a_causal_lm_is_refused_before_training(tmp_path, ca
         f"qlora train: error: {tmp_path / 'bert' / 'config.json'} names BertForMaskedLM, which is "
         f"not a causal language model; qlora trains and generates with decoder models that predict the "
         f"next token (a ...ForCausalLM class such as LlamaForCausalLM)\n")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read when huggingface_hub is imported
+    return cache
+
+
+def test_hub_id_resolves_from_the_local_cache(hub_cache, byte_bpe_tokenizer):
+    """A model laid out as huggingface_hub caches it (refs/main -> snapshots/<commit>/) loads by
+    its id: the tokenizer and the NF4 model come from the snapshot."""
+    tokenizer = byte_bpe_tokenizer("chatml")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2))
+    repo = hub_cache / "models--someone--tiny-chat"
+    snapshot = repo / "snapshots" / COMMIT
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+
+    assert resolve_model("someone/tiny-chat") == str(snapshot)
+    assert load_tokenizer("someone/tiny-chat").encode("hi") == tokenizer("hi", add_special_tokens=False)["input_ids"]
+    cfg = load_config(None, ["model.name_or_path=someone/tiny-chat"])
+    loaded = base_model(cfg, torch.device("cpu"))
+    # the same weights quantized in memory: the same NF4 codes, so the same logits (fp32)
+    quantize_model(model)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_unknown_model_is_named_with_the_cache_it_was_looked_for_in(hub_cache):
+    with pytest.raises(ValueError, match=r"model.name_or_path: 'someone/missing' is not a directory, "
+                                         r"nor a model in the local Hugging Face cache \(.*hub\); "
+                                         r"qlora never downloads"):
+        resolve_model("someone/missing")

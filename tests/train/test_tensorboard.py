@@ -4,13 +4,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.train import train
 from qlora.train.checkpoint import list_checkpoints
 from qlora.train.metrics import read_metrics
 
 SMALL = ["logging.progress_bar=false", "logging.sample_max_new_tokens=2", "data.max_seq_len=48",
          "logging.exact_match_examples=2", "train.max_steps=4", "train.eval_every=2",
-         "checkpoint.every=2", "logging.tensorboard=true"]
+         "checkpoint.every=2", "logging.report_to=[tensorboard]"]
 
 
 def _events(out_dir) -> EventAccumulator:
@@ -24,7 +25,7 @@ def _scalars(events, tag) -> list[tuple[int, float]]:
 
 
 def test_tensorboard_has_the_metrics_and_the_config(tmp_path):
-    train(resolve_config(None, [f"train.output_dir={tmp_path}", *SMALL]))
+    train(resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path}", *SMALL]))
     records = read_metrics(tmp_path / "metrics.jsonl")
     events = _events(tmp_path)
     tags = events.Tags()
@@ -48,11 +49,11 @@ def test_tensorboard_has_the_metrics_and_the_config(tmp_path):
 
 def test_resumed_run_shows_each_step_once(tmp_path):
     overrides = [f"train.output_dir={tmp_path}", *SMALL]
-    train(resolve_config(None, overrides))
+    train(resolve_config(BUILTIN_RUN, overrides))
     first = _scalars(_events(tmp_path), "train/loss")
     # steps 3 and 4 were logged after the step-2 checkpoint: the resumed run logs them again
     step2 = next(p for p in list_checkpoints(str(tmp_path)) if p.name == "step-2")
-    train(resolve_config(None, overrides), resume=str(step2))
+    train(resolve_config(BUILTIN_RUN, overrides), resume=str(step2))
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
     again = _scalars(_events(tmp_path), "train/loss")
     assert [step for step, _ in again] == [1, 2, 3, 4]
@@ -64,6 +65,6 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path, monkeypatch):
     import accelerate.utils
 
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
-    with pytest.raises(ValueError, match=r"logging\.tensorboard: true needs the tensorboard "
-                                         r"package: pip install 'qlora\[tensorboard\]'"):
-        train(resolve_config(None, [f"train.output_dir={tmp_path}", *SMALL]))
+    with pytest.raises(ValueError, match=r"logging\.report_to: tensorboard needs its package: "
+                                         r"pip install 'qlora\[tensorboard\]'"):
+        train(resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path}", *SMALL]))
