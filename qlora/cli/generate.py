@@ -1,9 +1,13 @@
-"""`qlora generate --model DIR [--adapter DIR] --prompt TEXT`: try a trained adapter."""
+"""`qlora generate --model DIR [--adapter DIR] --prompt TEXT`: try a trained adapter (or a merged
+export); the answer is printed as it is generated."""
 from __future__ import annotations
+
+import sys
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="answer a prompt with a model (and adapter)")
+    parser = subparsers.add_parser("generate", help="answer a prompt with a model (and adapter), "
+                                                    "streaming the answer")
     parser.add_argument("--model", required=True,
                         help="Hugging Face checkpoint directory, or builtin:tiny-llama")
     parser.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory")
@@ -27,6 +31,7 @@ def run_generate(args) -> int:
     import torch
 
     from qlora.data.formats import prompt_ids
+    from qlora.data.streaming import TextStreamer
     from qlora.train.config import Config
     from qlora.train.loop import generate
     from qlora.train.model import base_model, load_tokenizer
@@ -46,5 +51,12 @@ def run_generate(args) -> int:
         model.to(device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     fmt = "chat" if args.chat else "completion" if args.raw else "alpaca"
-    print(generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, fmt), args.max_new_tokens))
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, fmt), args.max_new_tokens,
+             streamer=TextStreamer(tokenizer, write))
+    print()
     return 0
