@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ["info", "kernels", "memory", "train", "eval", "generate", "bench"]
+SUBCOMMANDS = ["info", "kernels", "memory", "train", "eval", "generate", "export", "sweep", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 
 def register(subparsers) -> None:
@@ -25,17 +26,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_eval_command)
 
 
+def run_adapter(cfg, adapter: Optional[str], no_adapter: bool) -> Optional[str]:
+    """The adapter a command uses: ``adapter``, or the run's (train.output_dir/adapter), or none."""
+    if no_adapter:
+        return None
+    adapter = adapter or str(Path(cfg.train.output_dir) / "adapter")
+    if not Path(adapter).is_dir():
+        raise FileNotFoundError(f"no adapter at {adapter}: give --adapter DIR, or --no-adapter to use "
+                                f"the base model alone")
+    return adapter
+
+
 def run_eval_command(args) -> int:
     from qlora.cli.train import resolve_config
     from qlora.train.evaluation import run_eval
 
     cfg = resolve_config(args.config, args.overrides)
-    adapter = None
-    if not args.no_adapter:
-        adapter = args.adapter or str(Path(cfg.train.output_dir) / "adapter")
-        if not Path(adapter).is_dir():
-            raise FileNotFoundError(f"no adapter at {adapter}: give --adapter DIR, or --no-adapter "
-                                    f"to evaluate the base model")
+    adapter = run_adapter(cfg, args.adapter, args.no_adapter)
     print(f"model: {cfg.model.name_or_path}, adapter: {adapter or 'none'}")
     result = run_eval(cfg, adapter)
     print("\n".join(result.lines()))

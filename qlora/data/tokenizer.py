@@ -2,8 +2,9 @@
 
 Both expose the same small interface: ``encode(text) -> list[int]`` (no special tokens),
 ``decode(ids) -> str``, ``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size``,
-``render_chat(messages) -> list[(text, is_response)]`` and ``chat_generation_prompt(messages)``
-(the conversation followed by what opens the assistant's answer).
+``render_chat(messages) -> list[(text, is_response)]``, ``chat_generation_prompt(messages)``
+(the conversation followed by what opens the assistant's answer) and ``hf_tokenizer()`` (a
+Hugging Face tokenizer giving the same ids, to ship with an export).
 """
 from __future__ import annotations
 
@@ -38,6 +39,42 @@ class ByteTokenizer:
 
     def chat_generation_prompt(self, messages: list[dict]) -> str:
         return builtin_generation_prompt(messages)
+
+    def hf_tokenizer(self):
+        """This tokenizer as a Hugging Face fast tokenizer that gives the same ids (for exports):
+        byte-level BPE without merges, so every byte is one token, numbered by its value, with
+        BOS, EOS and padding after them and the built-in chat template."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {symbol: byte for byte, symbol in enumerate(byte_symbols())}
+        specials = {"<s>": self.bos_id, "</s>": self.eos_id, "<pad>": self.pad_id}
+        backend = Tokenizer(models.BPE(vocab={**vocab, **specials}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>", chat_template=BUILTIN_CHAT_TEMPLATE)
+
+
+def byte_symbols() -> list[str]:
+    """The character byte-level BPE (GPT-2's scheme, tokenizers' ``ByteLevel``) writes for each byte
+    0..255: a printable Latin-1 byte stands for itself, each of the other 68 for a code point from
+    256 up, in byte order, so every token is printable text."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("\xa1"), ord("\xac") + 1)) \
+        | set(range(ord("\xae"), ord("\xff") + 1))
+    symbols, unprintable = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + unprintable))
+            unprintable += 1
+    return symbols
+
+
+# The built-in chat template (builtin_chat_parts) in Jinja, as a Hugging Face tokenizer carries it.
+BUILTIN_CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def builtin_chat_parts(messages: list[dict]) -> list[tuple[str, bool]]:
@@ -93,6 +130,9 @@ class HFTokenizer:
             parts.append((text[len(rendered):], message["role"] == "assistant"))
             rendered = text
         return [(text, is_response) for text, is_response in parts if text]
+
+    def hf_tokenizer(self):
+        return self.tok
 
     def chat_generation_prompt(self, messages: list[dict]) -> str:
         if not getattr(self.tok, "chat_template", None):

@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -102,8 +102,10 @@ class _ShardWriter:
         self.current_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
+        self.keys: set[str] = set()
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        self.keys.add(key)
         self.current[key] = tensor
         self.current_bytes += tensor.numel() * tensor.element_size()
         if self.current_bytes >= self.max_shard_bytes:
@@ -162,9 +164,7 @@ class _Exporter:
             q = quantize(target, source.weight.blocksize, source.weight.double_quant)
             err = q.dequantize(torch.float32) - target.float()
             self.errors[name] = (err.abs().max().item(), (err.norm() / target.float().norm().clamp(min=1e-30)).item())
-            for key, value in q.state_dict(prefix + "weight").items():
-                self.sink.add(key, value.cpu().clone())  # quant maps are shared tables; safetensors wants each stored once
-            self.nf4_template = source
+            self.nf4(name, q, source)
         else:
             if self.quantize_merged:
                 self.dense_linear.append(name)
@@ -202,6 +202,18 @@ class _Exporter:
             if b is not None and key not in module._non_persistent_buffers_set:
                 self.tensor(prefix + key, b)
 
+    def nf4(self, name: str, weight, source: Linear4bit) -> None:
+        prefix = f"{name}." if name else ""
+        for key, value in weight.state_dict(prefix + "weight").items():
+            self.sink.add(key, value.cpu().clone())  # quant maps are shared tables; safetensors wants each stored once
+        self.nf4_template = source
+
+    def unchanged_nf4(self, name: str, layer: Linear4bit) -> None:
+        """A layer no adapter changes, stored as it is: the same codes and scales, bit for bit."""
+        self.nf4(name, layer.weight, layer)
+        if layer.bias is not None:
+            self.tensor(f"{name}.bias", layer.bias)
+
     def walk(self, module: nn.Module, name: str) -> None:
         prefix = f"{name}." if name else ""
         if isinstance(module, (ExpertLinears4bit, LoRAExpertLinears)):
@@ -211,6 +223,11 @@ class _Exporter:
             self.router(name, module)
             return
         if isinstance(module, LoRALinear):
+            if self.quantize_merged and not module.merged_adapters and isinstance(module.base_layer, Linear4bit) \
+                    and not getattr(module.base_layer, "fan_in_fan_out", False) \
+                    and not _names_for(module, self.adapter_names):
+                self.unchanged_nf4(name, module.base_layer)
+                return
             w = _merged_weight(module, self.adapter_names)
             base = module.unmerged_base if module.merged_adapters else module.base_layer
             self.linear(name, w, module.base_layer.bias, base if isinstance(base, Linear4bit) else None,
@@ -225,8 +242,11 @@ class _Exporter:
                         getattr(base, "fan_in_fan_out", False))
             return
         if isinstance(module, Linear4bit):
-            self.linear(name, module.weight.dequantize(torch.float32), module.bias, module,
-                        getattr(module, "fan_in_fan_out", False))
+            if self.quantize_merged and not getattr(module, "fan_in_fan_out", False):
+                self.unchanged_nf4(name, module)
+            else:
+                self.linear(name, module.weight.dequantize(torch.float32), module.bias, module,
+                            getattr(module, "fan_in_fan_out", False))
             return
         if isinstance(module, ModulesToSaveWrapper):
             active = [n for n in module.active_adapters if n in module.modules_to_save]
@@ -243,18 +263,29 @@ class _Exporter:
                 self.walk(child, prefix + child_name)
 
 
+def _output_embedding_key(model: nn.Module) -> Optional[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
+
+
 def export_merged(model: nn.Module, dir: Union[str, os.PathLike], dtype: torch.dtype = torch.bfloat16,
                   quantize_merged: bool = False, adapter_names: Optional[Iterable[str]] = None,
-                  max_shard_bytes: int = 2 << 30) -> ExportReport:
+                  max_shard_bytes: int = 2 << 30, tokenizer=None,
+                  log: Optional[Callable[[str], None]] = print) -> ExportReport:
     """Write ``model`` with its adapters (default: the active ones) merged as a standard Hugging Face
     checkpoint (config.json + safetensors, sharded above ``max_shard_bytes`` with
     ``model.safetensors.index.json``) that ``AutoModelForCausalLM.from_pretrained`` loads without
     qlora: W = W0 + Σ ΔW in fp32 (LoRA s·B·A, DoRA, AdaLoRA c·P·diag(λ)·Q), stored in ``dtype``;
     NF4 layers without adapters are dequantized; ``modules_to_save`` copies replace their originals.
+    Beside the weights go the model's generation config and, given a Hugging Face ``tokenizer``,
+    its files (chat template included), so the export serves as it is. A model with tied input
+    and output embeddings whose head was trained (``modules_to_save``) is written untied, and its
+    config says so.
 
-    ``quantize_merged=True`` stores every layer that was NF4 in NF4 again (bitsandbytes' format, so
-    transformers loads it with ``BitsAndBytesConfig``; GPT-2 Conv1D layers stay dense) and the
-    report gives the error that re-quantization introduced per layer.
+    ``quantize_merged=True`` keeps every layer that was NF4 in NF4 (bitsandbytes' format, so
+    transformers loads it with ``BitsAndBytesConfig``; GPT-2 Conv1D layers stay dense): a layer
+    that no adapter changes keeps its codes and scales bit for bit, a merged one is quantized again,
+    and the error that introduced is reported per layer (and written with ``log``).
 
     Memory: one shard plus one layer's fp32 weight. The checkpoint is written into a temporary
     directory beside ``dir`` and renamed to ``dir`` at the end, so ``dir`` never holds a partial
@@ -277,6 +308,8 @@ def export_merged(model: nn.Module, dir: Union[str, os.PathLike], dtype: torch.d
         exporter = _Exporter(dtype, quantize_merged, None if adapter_names is None else list(adapter_names), writer)
         exporter.walk(model, "")
         writer.finish()
+        if config_dict.get("tie_word_embeddings") and _output_embedding_key(model) in writer.keys:
+            config_dict["tie_word_embeddings"] = False  # the head was written apart: transformers must not re-tie it
         if quantize_merged and exporter.nf4_template is not None:
             config_dict["quantization_config"] = {
                 "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
@@ -285,8 +318,18 @@ def export_merged(model: nn.Module, dir: Union[str, os.PathLike], dtype: torch.d
                 "llm_int8_skip_modules": exporter.dense_linear or None,
             }
         write_atomic(tmp / "config.json", lambda f: f.write(json.dumps(config_dict, indent=2, sort_keys=True).encode()))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         os.replace(tmp, path)  # atomic; replaces nothing or an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportReport(path, exporter.errors)
+    report = ExportReport(path, exporter.errors)
+    if log is not None and report.quantization_errors:
+        log("NF4 re-quantization error of the merged layers (max |Q(W) - W|, ||Q(W) - W|| / ||W||):")
+        for name, (max_abs, rel) in report.quantization_errors.items():
+            log(f"  {name}: {max_abs:.3e}, {rel:.3e}")
+        log(f"  worst relative error: {report.worst_relative_error:.3e}")
+    return report

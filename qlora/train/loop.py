@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,7 @@ from qlora.train.model import build_model, load_tokenizer
 from qlora.train.optimizer import build_optimizer, build_scheduler
 from qlora.train.run_dir import decided_on_main, lock_run_dir, take_over
 from qlora.train.trackers import Trackers
+from qlora.util.atomic import write_atomic
 
 
 def _output_head(model) -> nn.Module:
@@ -104,6 +106,10 @@ class TrainResult:
     parameters: int = 0  # all of the model's, an NF4 weight counted as its number of elements
     tokens_per_s: Optional[float] = None  # input tokens (all processes) per second of training steps
     peak_memory_mib: Optional[float] = None  # qlora.train.metrics.peak_memory_mib at the end
+
+    def to_json(self) -> str:
+        """What the run writes to result.json at its end (paths as strings)."""
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=2)
 
 
 def _mixed_precision(cfg: Config) -> str:
@@ -587,6 +593,7 @@ class Trainer:
             acc.wait_for_everyone()
         if acc.is_main_process:
             self.log(f"adapter (PEFT format): {result.adapter_dir}")
+            write_atomic(self.output_dir / "result.json", lambda f: f.write(result.to_json().encode()))
             if cfg.logging.loss_plot:
                 plot_loss(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
                 self.log(f"loss curve: {self.output_dir / 'loss.png'}")

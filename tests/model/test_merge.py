@@ -156,7 +156,7 @@ def test_sharded_export_and_refusal_to_overwrite(tmp_path, llama_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(
-        shards + ["config.json", "model.safetensors.index.json"])
+        shards + ["config.json", "generation_config.json", "model.safetensors.index.json"])
     dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
     with torch.no_grad():
         torch.testing.assert_close(dense(IDS).logits, expected, rtol=1e-4, atol=1e-5)
@@ -212,3 +212,67 @@ def test_moe_experts_merge_unmerge_and_export(tmp_path, tiny_mixtral_checkpoint)
     # fp32, W + ΔW against W·x + B·(A·x): summation order only (dot products of <= 128 terms)
     for got in (merged, reloaded):
         assert (got - adapted).abs().max() <= 1e-4 * adapted.abs().max()
+
+
+def test_nf4_export_keeps_unchanged_layers_bit_for_bit_and_loads_in_transformers(tmp_path, llama_path,
+                                                                                bnb_lookup_dequantize):
+    """quantize_merged: a layer no adapter touches keeps its NF4 codes and scales bit for bit (they
+    were once quantized again from their dequantized values, which moves the scales); a merged one
+    is quantized again and its error printed. transformers + bitsandbytes load the same bytes."""
+    from safetensors.torch import load_file
+
+    model = load_model(llama_path, compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = tmp_path / "plain"
+    assert export_merged(model, plain, dtype=torch.float32, quantize_merged=True, log=None).quantization_errors == {}
+    saved = load_file(plain / "model.safetensors")
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in saved)
+
+    model = _adapted(llama_path, target_modules=["q_proj"])
+    lines = []
+    report = export_merged(model, tmp_path / "q", dtype=torch.float32, quantize_merged=True, log=lines.append)
+    assert sorted(report.quantization_errors) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert all(any(line.strip().startswith(name + ":") for line in lines) for name in report.quantization_errors)
+    saved = load_file(tmp_path / "q" / "model.safetensors")
+    untouched = [k for k in saved if "q_proj" not in k]
+    assert all(torch.equal(saved[k], before[k]) for k in untouched)
+
+    # transformers + bitsandbytes read the same codes and scales
+    bnb_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    ours = load_model(tmp_path / "q", compute_dtype=torch.float32)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        theirs, mine = bnb_model.get_submodule(name).weight, ours.get_submodule(name).weight
+        assert torch.equal(theirs.data.view(-1), mine.packed.view(-1))
+        assert torch.equal(theirs.quant_state.absmax, mine.absmax)
+        assert torch.equal(theirs.quant_state.state2.absmax, mine.nested_absmax)
+    # bitsandbytes' CPU 4-bit matmul is off by percents, so the logits are checked on a dense
+    # model built from the saved codes by explicit table lookup: it must compute what qlora's
+    # reload of the file does (both dequantize the same bytes exactly; fp32 matmuls)
+    dense = transformers.LlamaForCausalLM(bnb_model.config).eval()
+    state = {k: v for k, v in bnb_model.state_dict().items() if "weight." not in k}
+    for name, module in bnb_model.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            state[f"{name}.weight"] = bnb_lookup_dequantize(module.weight.data, module.weight.quant_state)
+    dense.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(IDS).logits, ours(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_head_of_a_tied_model_is_written_untied(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    model = _adapted(tmp_path / "tied", target_modules=["v_proj"], modules_to_save=["lm_head"])
+    head = model.get_output_embeddings().modules_to_save["default"].weight
+    with torch.no_grad():
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
+        expected = model(IDS).logits
+    export_merged(model, tmp_path / "out", dtype=torch.float32, log=None)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(dense.lm_head.weight, head) and not torch.equal(dense.model.embed_tokens.weight, head)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(IDS).logits, expected, rtol=1e-4, atol=1e-5)
+    # untrained, the head stays tied
+    model = _adapted(tmp_path / "tied", target_modules=["v_proj"])
+    export_merged(model, tmp_path / "still-tied", dtype=torch.float32, log=None)
+    assert json.loads((tmp_path / "still-tied" / "config.json").read_text())["tie_word_embeddings"] is True
