@@ -191,3 +191,18 @@ def test_train_quick_runs_both_stacks_on_the_same_function(tmp_path):
     assert rows[1]["speedup_vs_hf_stack"] == 1.0
     assert (tmp_path / "bench_train.csv").exists()
     assert "| qlora |" in (tmp_path / "bench_train.md").read_text()
+
+
+def test_generate_quick_times_adapter_and_merged_export(tmp_path):
+    assert main(["bench", "generate", "--quick", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "bench_generate.json")
+    assert [r["provider"] for r in rows] == ["base+adapter", "merged-nf4", "merged-dense"]
+    for row in rows:
+        assert row["new_tokens"] == 24 and row["adapter"] == "random LoRA r=16"
+        assert 0 < row["generate_ms_p20"] <= row["generate_ms_p50"] <= row["generate_ms_p80"]
+        assert row["decode_tokens_per_s"] == pytest.approx(1000 / row["decode_ms_per_token"])
+    assert rows[0]["decode_speedup_vs_adapter"] == 1.0 and rows[0]["same_tokens_as_adapter"] == 1.0
+    # fp32 merged weights compute what base + adapter does up to summation order (~1e-6 of the
+    # logits): greedy decoding picks the same tokens unless two logits tie that closely
+    assert rows[2]["same_tokens_as_adapter"] == 1.0
+    assert "says nothing about GPU decoding speed" in (tmp_path / "bench_generate.md").read_text()
