@@ -111,13 +111,8 @@ def _generate(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def run(args) -> dict:
-    threads = torch.get_num_threads()
-    if args.quick:
-        torch.set_num_threads(1)  # as bench train --quick: spinning OpenMP threads on a shared CPU
-    try:
+    with harness.quick_threads(args.quick):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> dict:
@@ -182,7 +177,4 @@ def markdown(rows: list, env: dict) -> str:
 
 
 def main_from_args(args) -> int:
-    result = run(args)
-    print(result["markdown"])
-    print("wrote " + ", ".join(str(f) for f in result["files"]))
-    return 0
+    return harness.print_report(run(args))

@@ -20,7 +20,7 @@ import os
 import platform
 import shlex
 import subprocess
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -200,3 +200,24 @@ def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+@contextmanager
+def quick_threads(quick: bool):
+    """One torch thread inside a ``--quick`` run: on a small shared CPU box, OpenMP threads spinning
+    against other processes made CPU timings swing 100x and the tiny model's steps 25x slower
+    (measured on the 2-core CI machine)."""
+    threads = torch.get_num_threads()
+    if quick:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_report(result: dict) -> int:
+    """What a benchmark command prints: its Markdown report and the files it wrote."""
+    print(result["markdown"])
+    print("wrote " + ", ".join(str(f) for f in result["files"]))
+    return 0

@@ -268,15 +268,8 @@ def run(args) -> dict:
     """Run the comparison; returns {"rows", "skipped", "files", "markdown"}."""
     settings = resolve(args)
     device = torch.device(settings.device)
-    threads = torch.get_num_threads()
-    if settings.quick:
-        # One thread: on a small shared CPU box, OpenMP threads spinning against other processes
-        # made CPU timings swing 100x (measured on the 2-core CI machine for bench optim).
-        torch.set_num_threads(1)
-    try:
+    with harness.quick_threads(settings.quick):
         return _run(settings, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(settings: Settings, device: torch.device) -> dict:
@@ -459,8 +452,5 @@ def main_from_args(args) -> int:
         settings = resolve(args)
         print(predicted_markdown(predictions(settings), settings.arch))
         return 0
-    result = run(args)
-    print(result["markdown"])
-    print("wrote " + ", ".join(str(f) for f in result["files"]))
-    return 0
+    return harness.print_report(run(args))
 

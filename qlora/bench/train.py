@@ -278,15 +278,8 @@ def run_interleaved(settings: dict, input_ids: torch.Tensor) -> dict:
 
 
 def run(args) -> dict:
-    threads = torch.get_num_threads()
-    if args.quick:
-        # One thread: on a small shared CPU box, OpenMP threads spinning against other processes
-        # made the tiny model's steps 25x slower (measured on the 2-core CI machine).
-        torch.set_num_threads(1)
-    try:
+    with harness.quick_threads(args.quick):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> dict:
@@ -347,8 +340,5 @@ def markdown(rows: list, env: dict) -> str:
 
 
 def main_from_args(args) -> int:
-    result = run(args)
-    print(result["markdown"])
-    print("wrote " + ", ".join(str(f) for f in result["files"]))
-    return 0
+    return harness.print_report(run(args))
 

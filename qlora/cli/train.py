@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                         help="override keys, e.g. --set optim.lr=1e-4 train.max_steps=50 "
                              "(repeatable)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit")
+                        help="print the resolved config as YAML and exit (alone: the recipe defaults, "
+                             "every key)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                         help="continue from the latest checkpoint under train.output_dir, or DIR "
                              "(a larger train.max_steps continues a finished run; checkpoints "
@@ -47,13 +48,14 @@ def resolve_config(config_path, overrides):
 
 def run_train(args) -> int:
     from qlora.memory.plan import plan_for_run
-    from qlora.train import dump_config, train
+    from qlora.train import dump_config, load_config, train
     from qlora.train.guard import TrainingStopped
 
-    cfg = resolve_config(args.config, args.overrides)
     if args.print_config:
-        print(dump_config(cfg), end="")
+        alone = args.config is None and not args.overrides
+        print(dump_config(load_config() if alone else resolve_config(args.config, args.overrides)), end="")
         return 0
+    cfg = resolve_config(args.config, args.overrides)
     if args.allow_changed_data and args.resume is None:
         raise ValueError("--allow-changed-data only applies with --resume")
     plan = plan_for_run(cfg, args.resume)

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from qlora.cli import main
+from qlora.cli.train import resolve_config
 from qlora.train.config import BUILTIN_RUN, Config, apply_override, dump_config, load_config, \
     update_config, valid_keys
 
@@ -128,13 +129,14 @@ def test_one_set_of_defaults_and_the_builtin_run_is_a_shipped_config(capsys):
         assert main(["train", *args, "--print-config"]) == 0
         return yaml.safe_load(capsys.readouterr().out)
 
-    builtin = printed()
-    assert builtin == printed(BUILTIN_RUN)
+    recipe = yaml.safe_load(dump_config(Config()))
+    assert printed() == recipe  # --print-config alone: every key with its default
+    builtin = printed(BUILTIN_RUN)
+    assert resolve_config(None, []) == load_config(BUILTIN_RUN)  # `qlora train` alone
     assert (builtin["model"]["name_or_path"], builtin["data"]["path"]) == ("builtin:tiny-llama", "builtin:tasks")
     assert (builtin["data"]["max_seq_len"], builtin["lora"]["r"], builtin["optim"]["lr"],
             builtin["train"]["max_steps"]) == (64, 64, 1e-3, 600)
     # the shipped config sets only what differs from the recipe: every other key is a default
-    recipe = yaml.safe_load(dump_config(Config()))
     shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "qlora" / "train" / "tiny.yaml").read_text())
     for section, keys in builtin.items():
         for key, value in keys.items():
