@@ -76,6 +76,8 @@ def settings_from_yaml(path: str) -> ProfileSettings:
     from qlora.train.memory_options import memory_options
 
     cfg = load_config(path)
+    if cfg.model.name_or_path is None:
+        raise ValueError(f"{path}: model.name_or_path: not set; name the model to profile")
     if cfg.optim.name not in est.OPTIMIZERS:
         raise ValueError(f"{path}: optim.name {cfg.optim.name!r}: the profile runs one of "
                          f"{', '.join(est.OPTIMIZERS)}")

@@ -1,4 +1,4 @@
-"""`qlora train` with no config (the built-in run, shortened) and `qlora generate` on its result."""
+"""`qlora train builtin:tiny` (the built-in run, shortened) and `qlora generate` on its result."""
 import json
 import os
 import re
@@ -21,7 +21,7 @@ def _qlora(args, cwd):
 
 def test_builtin_run_learns_saves_and_generates(tmp_path):
     # the built-in run as shipped, only shorter (the full one is the README's first command)
-    run = _qlora(["train", "--set", "train.max_steps=40", "--set", "checkpoint.every=0",
+    run = _qlora(["train", "builtin:tiny", "--set", "train.max_steps=40", "--set", "checkpoint.every=0",
                   "--set", "train.eval_every=20"], tmp_path)
     assert run.returncode == 0, run.stderr
     out_dir = tmp_path / "runs" / "tiny"

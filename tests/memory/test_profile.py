@@ -88,7 +88,8 @@ def test_profile_reads_a_qlora_train_config(tmp_path):
     config.write_text("data:\n  max_seq_len: 64\ntrain:\n  micro_batch_size: 2\n  seed: 3\n"
                       "lora:\n  r: 4\n  alpha: 8\n  target_modules: attention\n"
                       "optim:\n  name: adamw\n  lr: 0.001\n"
-                      "model:\n  gradient_checkpointing: true\n  tiled_mlp: 32\n")
+                      "model:\n  name_or_path: builtin:tiny-llama\n  gradient_checkpointing: true\n"
+                      "  tiled_mlp: 32\n")
     settings = profile.settings_from_yaml(str(config))
     assert settings.model.endswith("tiny-llama-bytes.json")  # the built-in model's architecture
     assert (settings.seq_len, settings.batch_size, settings.rank, settings.alpha) == (64, 2, 4, 8.0)
@@ -98,8 +99,11 @@ def test_profile_reads_a_qlora_train_config(tmp_path):
     config.write_text("lora:\n  rank: 4\n")
     with pytest.raises(ValueError, match="lora.r"):  # validated as `qlora train` validates it
         profile.settings_from_yaml(str(config))
-    config.write_text("optim:\n  name: bnb_paged_adamw\n")
+    config.write_text("model:\n  name_or_path: builtin:tiny-llama\noptim:\n  name: bnb_paged_adamw\n")
     with pytest.raises(ValueError, match="optim.name 'bnb_paged_adamw'"):
+        profile.settings_from_yaml(str(config))
+    config.write_text("lora:\n  r: 4\n")  # the recipe has no model: one must be named
+    with pytest.raises(ValueError, match="model.name_or_path: not set"):
         profile.settings_from_yaml(str(config))
 
 

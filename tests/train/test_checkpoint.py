@@ -73,7 +73,7 @@ def test_16_bit_adapters_resume_exactly_and_are_saved_from_their_fp32_masters(tm
 
 
 def _train_cmd(out_dir, *extra):
-    return [sys.executable, "-m", "qlora", "train", "--set", f"train.output_dir={out_dir}",
+    return [sys.executable, "-m", "qlora", "train", BUILTIN_RUN, "--set", f"train.output_dir={out_dir}",
             "--set", "train.max_steps=12", "--set", "checkpoint.every=3",
             *[a for o in SMALL for a in ("--set", o)], *extra]
 
