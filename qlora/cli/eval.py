@@ -7,23 +7,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from qlora.cli.train import add_config_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="held-out loss, perplexity and exact match of a model and adapter, no training",
         description="Evaluate without training: the config's model with an adapter on its held-out "
                     "data (data.eval_path, or the run's seeded data.eval_fraction split).")
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config, e.g. a run's config.yaml, or builtin:tiny; default: the "
-                             "built-in run")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                        metavar="KEY=VALUE", help="override config keys, as qlora train does")
+    add_config_arguments(parser, "override config keys, as qlora train does")
+    add_adapter_arguments(parser, "evaluate the base model alone")
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    parser.set_defaults(func=run_eval_command)
+
+
+def add_adapter_arguments(parser, no_adapter_help: str) -> None:
+    """``--adapter DIR`` or ``--no-adapter`` (:func:`run_adapter` picks the adapter from them)."""
     adapter = parser.add_mutually_exclusive_group()
     adapter.add_argument("--adapter", default=None,
                          help="PEFT adapter directory; default: the run's, train.output_dir/adapter")
-    adapter.add_argument("--no-adapter", action="store_true", help="evaluate the base model alone")
-    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
-    parser.set_defaults(func=run_eval_command)
+    adapter.add_argument("--no-adapter", action="store_true", help=no_adapter_help)
 
 
 def run_adapter(cfg, adapter: Optional[str], no_adapter: bool) -> Optional[str]:

@@ -3,6 +3,8 @@ a run's adapter merged into its model, as a checkpoint that transformers, `qlora
 (with --gguf) llama.cpp / Ollama load directly."""
 from __future__ import annotations
 
+from qlora.cli.eval import add_adapter_arguments
+from qlora.cli.train import add_config_arguments
 
 # the choices of qlora.train.exporting.EXPORT_DTYPES and qlora.model.gguf.GGUF_TYPES, named here so
 # that the command line starts without importing torch
@@ -16,16 +18,10 @@ def register(subparsers) -> None:
         description="Merge the adapter into the config's model and write a Hugging Face checkpoint "
                     "with the tokenizer, chat template and generation config, and the merge's error "
                     "on a few training batches (merge_report.json).")
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config, e.g. a run's config.yaml, or builtin:tiny; default: the built-in run")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                        metavar="KEY=VALUE", help="override config keys, as qlora train does")
+    add_config_arguments(parser, "override config keys, as qlora train does")
     parser.add_argument("--out", required=True, help="new directory for the export")
-    adapter = parser.add_mutually_exclusive_group()
-    adapter.add_argument("--adapter", default=None,
-                         help="PEFT adapter directory; default: the run's, train.output_dir/adapter")
-    adapter.add_argument("--no-adapter", action="store_true", help="export the base model alone "
-                         "(with --nf4: its NF4 codes and scales bit for bit)")
+    add_adapter_arguments(parser, "export the base model alone (with --nf4: its NF4 codes and "
+                                  "scales bit for bit)")
     parser.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="bf16",
                         help="dtype of the merged weights (default bf16)")
     parser.add_argument("--nf4", action="store_true",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from qlora.cli.train import add_config_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -13,12 +15,8 @@ def register(subparsers) -> None:
                     "match, trainable-parameter share, peak memory and tokens/s against the value. "
                     "Finished runs are kept and an interrupted one resumes, so running the same "
                     "command again continues the sweep.")
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config, or builtin:tiny; default: the recipe defaults and --set")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                        metavar="KEY=VALUE",
-                        help="the swept key with its values separated by commas (e.g. lora.r=4,8,16 or "
-                             "lora.target_modules=attention,mlp,all-linear), and fixed overrides")
+    add_config_arguments(parser, "the swept key with its values separated by commas (e.g. lora.r=4,8,16 "
+                                 "or lora.target_modules=attention,mlp,all-linear), and fixed overrides")
     parser.add_argument("--out", default=None,
                         help="directory of the sweep; default: train.output_dir + '-sweep-KEY'")
     parser.set_defaults(func=run_sweep)

@@ -11,13 +11,8 @@ def register(subparsers) -> None:
         description="Fine-tune a model with QLoRA. Defaults: the QLoRA recipe (--print-config "
                     "shows every key). With no arguments at all, the built-in run builtin:tiny: a "
                     "tiny byte-level Llama learns the shipped tasks in a few minutes on a CPU.")
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config (sections model, lora, quant, data, train, optim, "
-                             "checkpoint, logging), or builtin:tiny (the shipped built-in run)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                        metavar="KEY=VALUE",
-                        help="override keys, e.g. --set optim.lr=1e-4 train.max_steps=50 "
-                             "(repeatable)")
+    add_config_arguments(parser, "override keys, e.g. --set optim.lr=1e-4 train.max_steps=50 "
+                                 "(repeatable)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit (alone: the recipe defaults, "
                              "every key)")
@@ -34,6 +29,18 @@ def register(subparsers) -> None:
                              "one the checkpoint was trained on (size or SHA-256); without this "
                              "such a resume is refused, naming the file")
     parser.set_defaults(func=run_train)
+
+
+def add_config_arguments(parser, set_help: str) -> None:
+    """CONFIG and ``--set``, as every command that reads a run's config takes them (train, eval,
+    export, sweep); :func:`resolve_config` turns them into the config."""
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config (sections model, lora, quant, data, train, optim, "
+                             "checkpoint, logging), e.g. a run's config.yaml, or builtin:tiny (the "
+                             "shipped built-in run); without it: the recipe defaults and --set, or "
+                             "builtin:tiny when there is no --set either")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE", help=set_help)
 
 
 def resolve_config(config_path, overrides):
