@@ -15,7 +15,7 @@ import torch
 from qlora.train.config import Config
 from qlora.train.dataset import build_data, locate_data, prompt_and_answer
 from qlora.train.loop import evaluate, exact_match, generate, scored_examples
-from qlora.train.model import base_model, compute_dtype, load_tokenizer
+from qlora.train.model import base_model, checked_model_path, compute_dtype, load_tokenizer
 
 SAMPLES = 3  # answers printed next to the expected ones
 
@@ -46,8 +46,9 @@ def run_eval(cfg: Config, adapter_dir: Optional[str], log=print) -> EvalResult:
     """Score ``cfg``'s model (with the PEFT adapter in ``adapter_dir``, if given) on its held-out
     data; the data is read and checked before the model loads."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checked_model_path(cfg)
     sources = locate_data(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     data = build_data(cfg, tokenizer, sources)
     if not data.eval:
         raise ValueError("no held-out data: set data.eval_path, or data.eval_fraction above 0")

@@ -11,7 +11,8 @@ import torch
 from qlora.data.batching import collate
 from qlora.train.config import Config
 from qlora.train.dataset import build_data, locate_data
-from qlora.train.model import base_model, compute_dtype, load_tokenizer, resolve_model
+from qlora.train.model import base_model, checked_model_path, compute_dtype, load_tokenizer, \
+    resolve_model
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -30,10 +31,12 @@ def _reload(cfg: Config, out: Path, dtype: torch.dtype, nf4: bool, device: torch
     if nf4:
         from qlora.model.loading import load_model
 
-        return load_model(out, compute_dtype=compute_dtype(cfg, device), device=device)
+        return load_model(out, compute_dtype=compute_dtype(cfg, device), device=device,
+                          trust_remote_code=cfg.model.trust_remote_code)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(out, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code) \
+        .to(device).eval()
 
 
 def export_run(cfg: Config, adapter_dir: Optional[str], out: str, dtype: str = "bf16", nf4: bool = False,
@@ -51,7 +54,8 @@ def export_run(cfg: Config, adapter_dir: Optional[str], out: str, dtype: str = "
     if gguf is not None and nf4:
         raise ValueError("GGUF is written from the 16-bit export: export without --nf4 for --gguf")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    checked_model_path(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     batches = _report_batches(cfg, tokenizer, report_batches) if report_batches else []
     model = base_model(cfg, device)
     if adapter_dir is not None:

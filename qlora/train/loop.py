@@ -45,7 +45,7 @@ from qlora.train.metrics import MetricsLog, hyperparameters, memory_used, peak_m
     plot_loss, tracker_values
 from qlora.optim.master import master_weights_in_place
 from qlora.train.memory_options import apply_memory_options, memory_options
-from qlora.train.model import build_model, load_tokenizer
+from qlora.train.model import build_model, checked_model_path, load_tokenizer
 from qlora.train.optimizer import build_optimizer, build_scheduler
 from qlora.train.run_dir import decided_on_main, lock_run_dir, take_over
 from qlora.train.trackers import Trackers
@@ -255,7 +255,9 @@ class Trainer:
         self.cfg = cfg = copy.deepcopy(cfg)  # train.max_steps follows train.num_epochs
         self.out = out or sys.stdout
         self.output_dir = Path(cfg.train.output_dir)
-        # the data is found, read and tokenized before the model loads: bad data fails in seconds
+        # the model's config.json is checked and the data found, read and tokenized before the
+        # model loads: a wrong model or bad data fails in seconds
+        checked_model_path(cfg)
         sources = locate_data(cfg)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.trackers = Trackers(cfg, self.output_dir)

@@ -58,6 +58,18 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
                          f"if you trust it") from None
 
 
+def checked_model_path(cfg: Config) -> str:
+    """``model.name_or_path`` resolved (:func:`resolve_model`) and its config.json checked: a
+    causal LM, its shipped code only with ``model.trust_remote_code``. Reads no weights, so a
+    run refuses a wrong model in seconds."""
+    path = resolve_model(cfg.model.name_or_path)
+    if path != BUILTIN_MODEL:
+        config = read_config_json(Path(path))
+        check_remote_code(Path(path), config, cfg.model.trust_remote_code)
+        check_causal_lm(Path(path), config)
+    return path
+
+
 def builtin_model(init_seed: int, dtype: torch.dtype = torch.float32):
     """The shipped tiny byte-level Llama with weights drawn from ``init_seed`` (the global RNG
     is left as it was). Its ``initializer_range`` is 0.1 rather than transformers' 0.02: with
@@ -85,11 +97,7 @@ def base_model(cfg: Config, device: torch.device):
     dtype = compute_dtype(cfg, device)
     q = cfg.quant
     trust = cfg.model.trust_remote_code
-    path = resolve_model(cfg.model.name_or_path)
-    if path != BUILTIN_MODEL:
-        config = read_config_json(Path(path))
-        check_remote_code(Path(path), config, trust)
-        check_causal_lm(Path(path), config)
+    path = checked_model_path(cfg)
     if path == BUILTIN_MODEL:
         model = builtin_model(cfg.model.init_seed, dtype)
         if q.enabled:

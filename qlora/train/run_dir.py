@@ -26,9 +26,10 @@ from qlora.train.checkpoint import checkpoint_step, checkpoints_root, list_check
 T = TypeVar("T")
 LOCK_NAME = ".qlora.lock"
 # What a run writes into its directory (qlora.train.loop, qlora.train.checkpoint, the AdaLoRA
-# rank plot, accelerate's TensorBoard tracker), and the leftovers of an interrupted publish.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "loss.png", "adalora_ranks.png", "adapter",
-               "checkpoints", "tensorboard", ".tmp-adapter", ".old-adapter")
+# rank plot, the TensorBoard and wandb trackers of qlora.train.trackers), and the leftovers of an
+# interrupted publish.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "loss.png", "result.json", "adalora_ranks.png",
+               "adapter", "checkpoints", "tensorboard", "wandb", ".tmp-adapter", ".old-adapter")
 
 
 class RunDirectoryError(ValueError):

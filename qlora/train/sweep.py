@@ -5,7 +5,8 @@ another, then a table and a plot of what each value gave.
 
 Each run is an ordinary ``qlora train`` in its own process (so its peak memory is its own) with
 ``train.output_dir`` = ``SWEEP_DIR/<key>=<value>``. A run that finished (its result.json exists)
-is not run again; one that was interrupted resumes from its latest checkpoint. So a sweep
+is not run again; one that was interrupted resumes from its latest checkpoint (or, stopped
+before its first, starts again). So a sweep
 stopped anywhere continues where it was when started again with the same arguments.
 """
 from __future__ import annotations
@@ -96,8 +97,9 @@ def _run_one(cfg: Config, log: Callable[[str], None]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(dump_config(cfg), encoding="utf-8")
     command = [sys.executable, "-m", "qlora", "train", str(config_file)]
-    if latest_checkpoint(str(out)) is not None:
-        command.append("--resume")
+    # the directory is this sweep's (named by it, its run.yaml written above): an interrupted run
+    # resumes from its checkpoint, or starts again over what it wrote before its first one
+    command.append("--resume" if latest_checkpoint(str(out)) is not None else "--overwrite")
     log(f"{out.name}: {'resuming' if '--resume' in command else 'training'} ({' '.join(command[2:])})")
     status = subprocess.run(command).returncode
     if status != 0 or not result_file.is_file():

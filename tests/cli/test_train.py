@@ -52,6 +52,12 @@ def test_builtin_run_learns_saves_and_generates(tmp_path):
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.endswith("\n") and len(gen.stdout) <= 8 * 4 + 1
 
+    # plain `qlora train` is the same built-in run: its directory now holds one, which it leaves
+    again = _qlora(["train"], tmp_path)
+    assert again.returncode == 2 and again.stderr.startswith(
+        "qlora train: error: train.output_dir runs/tiny already holds a run (config.yaml, "), again.stderr
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == len(records)
+
 
 def test_train_help_documents_the_run_directory_options(capsys):
     with pytest.raises(SystemExit):

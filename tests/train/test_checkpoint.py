@@ -164,7 +164,7 @@ def _same_adapter(a: Path, b: Path) -> bool:
 
 def test_a_finished_run_continues_to_a_larger_max_steps(tmp_path):
     def cfg(out, steps):
-        return resolve_config(None, [f"train.output_dir={out}", f"train.max_steps={steps}", *SMALL])
+        return resolve_config(BUILTIN_RUN, [f"train.output_dir={out}", f"train.max_steps={steps}", *SMALL])
 
     straight = train(cfg(tmp_path / "straight", 6))
     short = train(cfg(tmp_path / "run", 4))
@@ -181,7 +181,7 @@ def test_a_finished_run_continues_to_a_larger_max_steps(tmp_path):
 
 
 def test_a_kill_while_publishing_the_adapter_logs_the_final_evaluation_once(tmp_path, monkeypatch):
-    cfg = resolve_config(None, [f"train.output_dir={tmp_path}", "train.max_steps=2", *SMALL])
+    cfg = resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path}", "train.max_steps=2", *SMALL])
 
     def killed(save_fn, target):
         raise KeyboardInterrupt  # as a kill at this point would leave the directory
@@ -203,7 +203,7 @@ def test_a_kill_while_publishing_the_adapter_logs_the_final_evaluation_once(tmp_
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    train(resolve_config(None, [f"train.output_dir={out}", "train.max_steps=2", *SMALL]))
+    train(resolve_config(BUILTIN_RUN, [f"train.output_dir={out}", "train.max_steps=2", *SMALL]))
     return out
 
 
@@ -238,7 +238,7 @@ def test_a_damaged_checkpoint_file_is_named(finished_run, tmp_path, name, damage
     checkpoint = tmp_path / "step-2"
     shutil.copytree(finished_run / "checkpoints" / "step-2", checkpoint)
     damage(checkpoint / name)
-    cfg = resolve_config(None, [f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2", *SMALL])
+    cfg = resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2", *SMALL])
     with pytest.raises(ValueError, match=f"^{re.escape(f'{checkpoint / name}: {message}')}"):
         train(cfg, resume=str(checkpoint))
     assert not (checkpoint / "ran").exists()
@@ -249,8 +249,8 @@ def test_everything_a_run_writes_is_readable_by_others(tmp_path):
 
     umask = os.umask(0o022)
     try:
-        trainer = Trainer(resolve_config(None, [f"train.output_dir={tmp_path / 'run'}",
-                                                "train.max_steps=2", "checkpoint.every=1", *SMALL]))
+        trainer = Trainer(resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path / 'run'}",
+                                                       "train.max_steps=2", "checkpoint.every=1", *SMALL]))
         trainer.run()
         export_merged(trainer.model, tmp_path / "merged")
     finally:
@@ -272,9 +272,9 @@ def test_a_full_disk_while_checkpointing_is_named_and_the_run_resumes(tmp_path, 
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    args = ["train", *[a for o in [f"train.output_dir={tmp_path}", "train.max_steps=3",
-                                   "checkpoint.every=1", "checkpoint.keep=2", *SMALL]
-                       for a in ("--set", o)]]
+    args = ["train", BUILTIN_RUN, *[a for o in [f"train.output_dir={tmp_path}", "train.max_steps=3",
+                                                "checkpoint.every=1", "checkpoint.keep=2", *SMALL]
+                                    for a in ("--set", o)]]
     assert main(args) == 2
     assert capsys.readouterr().err == (f"qlora train: error: [Errno 28] No space left on device: "
                                        f"'{failing}'\n")

@@ -10,7 +10,8 @@ import pytest
 
 from qlora.cli import main
 from qlora.cli.train import resolve_config
-from qlora.train.fingerprint import DataChangedError
+from qlora.train.config import BUILTIN_RUN, load_config
+from qlora.train.fingerprint import DataChangedError, fingerprint
 from qlora.train.loop import train
 
 SMALL = ["logging.progress_bar=false", "logging.sample_max_new_tokens=2", "train.micro_batch_size=4",
@@ -28,7 +29,7 @@ def test_a_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
     out = tmp_path / "run"
     overrides = [f"train.output_dir={out}", f"data.path={data}", "train.max_steps=4",
                  "checkpoint.every=2", *SMALL]
-    cfg = resolve_config(None, overrides)
+    cfg = resolve_config(BUILTIN_RUN, overrides)
     train(cfg)
     step2 = out / "checkpoints" / "step-2"
     stat = data.stat()
@@ -48,7 +49,7 @@ def test_a_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
                                                f"to continue anyway$"):
         train(cfg, resume=str(step2))
     capsys.readouterr()
-    args = ["train", *[a for o in overrides for a in ("--set", o)], "--resume", str(step2)]
+    args = ["train", BUILTIN_RUN, *[a for o in overrides for a in ("--set", o)], "--resume", str(step2)]
     assert main(args) == 2 and message in capsys.readouterr().err
 
     log = io.StringIO()
@@ -63,3 +64,18 @@ def test_a_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
     assert main([*args, "--allow-changed-data"]) == 0
     assert main(args[:-2] + ["--allow-changed-data"]) == 2
     assert "--allow-changed-data only applies with --resume" in capsys.readouterr().err
+
+
+def test_every_dataset_of_a_mix_that_is_a_file_is_fingerprinted(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(_records(3))
+    second.write_text(_records(5))
+    cfg = load_config(None, [f"data.datasets=[{{path: {first}}}, {{path: someone/cached-dataset}}, "
+                             f"{{path: {second}, weight: 2}}]", f"data.eval_path={first}"])
+    prints = fingerprint(cfg)
+    # the hub id is no file: left out (the cache's files are read by the datasets library)
+    assert sorted(prints) == ["data.datasets[0].path", "data.datasets[2].path", "data.eval_path"]
+    for key, path in (("data.datasets[0].path", first), ("data.datasets[2].path", second),
+                      ("data.eval_path", first)):
+        assert prints[key]["file"] == str(path) and prints[key]["size"] == path.stat().st_size
+        assert prints[key]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

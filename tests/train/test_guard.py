@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from qlora.cli import main
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.train.checkpoint import list_checkpoints
 from qlora.train.guard import NonFiniteUpdateError, all_finite
 from qlora.train.loop import LossModule, train
@@ -52,7 +53,7 @@ RUN = ["optim.name=adamw", "train.max_steps=5", "checkpoint.every=1", "checkpoin
 
 def test_a_poisoning_update_stops_the_run_before_anything_of_it_is_saved(tmp_path, monkeypatch):
     _poison_the_third_update(monkeypatch)
-    cfg = resolve_config(None, [f"train.output_dir={tmp_path}", *SMALL, *RUN])
+    cfg = resolve_config(BUILTIN_RUN, [f"train.output_dir={tmp_path}", *SMALL, *RUN])
     step2 = tmp_path / "checkpoints" / "step-2"
     with pytest.raises(NonFiniteUpdateError, match=(
             r"^step 3: the optimizer update made trainable weights non-finite \(loss [\d.]+, "
@@ -70,8 +71,8 @@ def test_a_poisoning_update_stops_the_run_before_anything_of_it_is_saved(tmp_pat
 
 def test_the_cli_says_why_training_stopped_without_a_traceback(tmp_path, monkeypatch, capsys):
     _poison_the_third_update(monkeypatch)
-    args = ["train", *[a for o in [f"train.output_dir={tmp_path / 'update'}", *SMALL, *RUN]
-                       for a in ("--set", o)]]
+    args = ["train", BUILTIN_RUN, *[a for o in [f"train.output_dir={tmp_path / 'update'}", *SMALL, *RUN]
+                                    for a in ("--set", o)]]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("qlora train: stopped: step 3: the optimizer update made trainable "
@@ -79,9 +80,9 @@ def test_the_cli_says_why_training_stopped_without_a_traceback(tmp_path, monkeyp
 
     forward = LossModule.forward
     monkeypatch.setattr(LossModule, "forward", lambda self, *a, **k: forward(self, *a, **k) * math.nan)
-    args = ["train", *[a for o in [f"train.output_dir={tmp_path / 'loss'}", *SMALL,
-                                   "train.max_steps=5", "train.max_bad_steps=2"]
-                       for a in ("--set", o)]]
+    args = ["train", BUILTIN_RUN, *[a for o in [f"train.output_dir={tmp_path / 'loss'}", *SMALL,
+                                                "train.max_steps=5", "train.max_bad_steps=2"]
+                                    for a in ("--set", o)]]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("qlora train: stopped: 2 non-finite steps in a row (train.max_bad_steps=2)")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from qlora.cli import main
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.train.checkpoint import list_checkpoints
 from qlora.train.loop import Trainer, train
 from qlora.train.metrics import read_metrics
@@ -25,7 +26,7 @@ SMALL = ["logging.progress_bar=false", "logging.sample_max_new_tokens=2", "train
 
 
 def _cfg(out, *overrides):
-    return resolve_config(None, [f"train.output_dir={out}", *SMALL, *overrides])
+    return resolve_config(BUILTIN_RUN, [f"train.output_dir={out}", *SMALL, *overrides])
 
 
 def _files(path: Path) -> dict:
@@ -40,21 +41,21 @@ def test_a_new_run_never_destroys_the_run_in_its_directory(tmp_path, capsys):
     before = _files(tmp_path)
     second = ["lora.r=8", "train.max_steps=2", "checkpoint.every=1", "checkpoint.keep=2"]
     message = (f"train.output_dir {tmp_path} already holds a run (config.yaml, metrics.jsonl, "
-               f"loss.png, adapter, checkpoints up to step-4): continue it with --resume, replace it "
-               f"with --overwrite, or choose another train.output_dir")
+               f"loss.png, result.json, adapter, checkpoints up to step-4): continue it with --resume, "
+               f"replace it with --overwrite, or choose another train.output_dir")
     with pytest.raises(RunDirectoryError, match=f"^{re.escape(message)}$"):
         train(_cfg(tmp_path, *second))
     capsys.readouterr()
-    args = ["train", *[a for o in [f"train.output_dir={tmp_path}", *SMALL, *second]
-                       for a in ("--set", o)]]
+    args = ["train", BUILTIN_RUN, *[a for o in [f"train.output_dir={tmp_path}", *SMALL, *second]
+                                    for a in ("--set", o)]]
     assert main(args) == 2
     assert capsys.readouterr().err == f"qlora train: error: {message}\n"
     assert _files(tmp_path) == before
 
     # --overwrite replaces the run's outputs and nothing else
     assert main([*args, "--overwrite"]) == 0
-    assert "--overwrite: removed the previous run's config.yaml, metrics.jsonl, loss.png, adapter, " \
-           "checkpoints" in capsys.readouterr().out
+    assert "--overwrite: removed the previous run's config.yaml, metrics.jsonl, loss.png, result.json, " \
+           "adapter, checkpoints" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step-1", "step-2"]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8

@@ -2,6 +2,7 @@
 finished runs are kept, an interrupted one resumes from its checkpoint."""
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -56,6 +57,15 @@ def test_sweep_runs_tabulates_and_continues(tmp_path, monkeypatch, capsys):
     assert "lora.r=2: done before, kept" in printed and "lora.r=4: resuming" in printed
     again = json.loads((out / "sweep.json").read_text())["runs"]
     assert again[0] == rows[0] and again[1]["eval_loss"] == rows[1]["eval_loss"]
+    # the first run interrupted before its first checkpoint: what it wrote is its own, so the
+    # sweep starts it again over that (a run directory refuses a new run without --overwrite)
+    run = out / "lora.r=2"
+    (run / "result.json").unlink()
+    shutil.rmtree(run / "checkpoints")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "lora.r=2: training" in capsys.readouterr().out
+    assert json.loads((out / "sweep.json").read_text())["runs"][0]["eval_loss"] == rows[0]["eval_loss"]
     # a different config for the same directory is refused, not mixed in
     assert main([*args, "--set", "optim.lr=1e-4"]) == 2
     assert "holds a finished run with another config" in capsys.readouterr().err
