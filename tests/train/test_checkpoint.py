@@ -59,10 +59,10 @@ def test_checkpoints_rotate_refuse_incompatible_and_are_never_rewritten(tmp_path
 def test_16_bit_adapters_resume_exactly_and_are_saved_from_their_fp32_masters(tmp_path):
     overrides = [f"train.output_dir={tmp_path}", "train.max_steps=4", "checkpoint.every=2",
                  "lora.dtype=bfloat16", *SMALL]
-    first = train(resolve_config(None, overrides))
+    first = train(resolve_config(BUILTIN_RUN, overrides))
     want = load_file(str(first.adapter_dir / "adapter_model.safetensors"))
     step2 = next(p for p in list_checkpoints(str(tmp_path)) if p.name == "step-2")
-    again = train(resolve_config(None, overrides), resume=str(step2))
+    again = train(resolve_config(BUILTIN_RUN, overrides), resume=str(step2))
     got = load_file(str(again.adapter_dir / "adapter_model.safetensors"))
     assert want.keys() == got.keys() and want
     for key in want:
