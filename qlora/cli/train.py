@@ -56,7 +56,9 @@ def resolve_config(config_path, overrides):
 def run_train(args) -> int:
     from qlora.memory.plan import plan_for_run
     from qlora.train import dump_config, load_config, train
+    from qlora.train.dataset import locate_data
     from qlora.train.guard import TrainingStopped
+    from qlora.train.model import checked_model_path
 
     if args.print_config:
         alone = args.config is None and not args.overrides
@@ -65,6 +67,8 @@ def run_train(args) -> int:
     cfg = resolve_config(args.config, args.overrides)
     if args.allow_changed_data and args.resume is None:
         raise ValueError("--allow-changed-data only applies with --resume")
+    checked_model_path(cfg)  # a missing model or data is named before the plan reads them
+    locate_data(cfg)
     plan = plan_for_run(cfg, args.resume)
     try:
         train(cfg, resume=args.resume, plan=plan, overwrite=args.overwrite,

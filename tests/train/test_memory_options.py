@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.model.host_embedding import HostEmbedding
 from qlora.train.memory_options import apply_memory_options, lora_dtype, memory_options
 from qlora.train.model import build_model
@@ -11,9 +12,9 @@ from qlora.train.model import build_model
 def test_auto_is_off_and_set_values_apply():
     assert memory_options(resolve_config(None, [])) == dict(
         lora_dtype=torch.float32, embedding_on_host=False, tiled_mlp=0, compact_norms=False)
-    cfg = resolve_config(None, ["lora.dtype=bfloat16", "model.embedding_on_host=true",
-                                "model.tiled_mlp=16", "model.compact_norms=true"])
-    model, _ = build_model(cfg, torch.device("cpu"))
+    cfg = resolve_config(BUILTIN_RUN, ["lora.dtype=bfloat16", "model.embedding_on_host=true",
+                                       "model.tiled_mlp=16", "model.compact_norms=true"])
+    model = build_model(cfg, torch.device("cpu"))
     done = apply_memory_options(model, **memory_options(cfg))
     assert len(done) == 4, done
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -26,4 +27,4 @@ def test_auto_is_off_and_set_values_apply():
 
 def test_adalora_trains_in_fp32():
     with pytest.raises(ValueError, match="adalora trains in float32"):
-        lora_dtype(resolve_config(None, ["lora.type=adalora", "lora.dtype=bfloat16"]))
+        lora_dtype(resolve_config(BUILTIN_RUN, ["lora.type=adalora", "lora.dtype=bfloat16"]))
