@@ -60,9 +60,10 @@ def test_a_new_run_never_destroys_the_run_in_its_directory(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"
-    # --overwrite cannot remove the checkpoint --resume continues from
-    with pytest.raises(RunDirectoryError, match="--overwrite would remove .*step-2, which --resume"):
-        train(_cfg(tmp_path, *second), resume="latest", overwrite=True)
+    # --overwrite cannot remove the checkpoint --resume continues from (through the CLI, which
+    # decides the "auto" memory options as the run in the directory did)
+    assert main([*args, "--resume", "--overwrite"]) == 2
+    assert re.search("--overwrite would remove .*step-2, which --resume", capsys.readouterr().err)
 
 
 HOLD_LOCK = """
