@@ -166,15 +166,21 @@ def replace_config(cfg: Config, values: dict) -> Config:
     return out
 
 
-def adopt_checkpoint_choices(cfg: Config, checkpoint: Path) -> None:
+def adopt_checkpoint_choices(cfg: Config, checkpoint: Path) -> list:
     """Resuming: the "auto" keys take the values the checkpoint's run decided, so the resumed
-    run computes what the interrupted one did."""
+    run computes what the interrupted one did. Returns the keys that run left "auto": it was
+    started by ``qlora.train.train`` without a plan, which runs them off."""
     saved = read_yaml(str(checkpoint / "config.yaml"))
+    left_auto = []
     for key, _, _ in LADDER:
         section, name = key.split(".")
         value = saved.get(section, {}).get(name, AUTO)
-        if _get(cfg, key) == AUTO and value != AUTO:
-            _set(cfg, key, value)
+        if _get(cfg, key) == AUTO:
+            if value == AUTO:
+                left_auto.append(key)
+            else:
+                _set(cfg, key, value)
+    return left_auto
 
 
 def plan_for_run(cfg: Config, resume: Optional[str] = None) -> MemoryPlan:
@@ -184,10 +190,14 @@ def plan_for_run(cfg: Config, resume: Optional[str] = None) -> MemoryPlan:
 
     from qlora.train import checkpoint as ckpt
 
+    left_auto = []
     if resume is not None:
         path = ckpt.latest_checkpoint(cfg.train.output_dir) if resume == "latest" else Path(resume)
         if path is not None and (path / "config.yaml").is_file():
-            adopt_checkpoint_choices(cfg, path)
+            left_auto = adopt_checkpoint_choices(cfg, path)
+    off = {key: value for key, _, value in LADDER}
+    for key in left_auto:  # planned off, as the interrupted run ran them
+        _set(cfg, key, off[key])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budget, source = None, "CPU run"
     if cfg.train.gpu_memory_gb is not None:
@@ -197,4 +207,6 @@ def plan_for_run(cfg: Config, resume: Optional[str] = None) -> MemoryPlan:
     plan = plan_run(cfg, budget, device, source)
     for key, value in plan.choices.items():
         _set(cfg, key, value)
+    for key in left_auto:  # and kept "auto", as the checkpoint's config says
+        _set(cfg, key, AUTO)
     return plan

@@ -8,6 +8,7 @@ import yaml
 from qlora.cli.train import resolve_config
 from qlora.memory import estimate as est
 from qlora.memory.plan import LADDER, adopt_checkpoint_choices, plan_for_run, plan_run
+from qlora.train.config import BUILTIN_RUN
 
 # Llama-3.1-8B's architecture (a preset name is enough to estimate) at 64k tokens, where each
 # option of the ladder saves memory
@@ -52,8 +53,8 @@ def test_a_budget_nothing_fits_turns_everything_on_and_says_so():
 def test_an_option_that_does_not_help_stays_off():
     # the built-in model, checkpointed, at 4096 tokens: a tiled MLP chunk of 4096 tokens is the
     # whole sequence and only adds its buffers (612.2 MB without it, 614.3 MB with it)
-    cfg = resolve_config(None, ["data.max_seq_len=4096", "train.micro_batch_size=1",
-                                "model.gradient_checkpointing=true"])
+    cfg = resolve_config(BUILTIN_RUN, ["data.max_seq_len=4096", "train.micro_batch_size=1",
+                                       "model.gradient_checkpointing=true"])
     plan = plan_run(cfg, 10**6, "cuda", "a test")
     assert plan.choices["model.tiled_mlp"] == 0 and plan.estimate.setup.tiled_mlp == 0
     assert plan.choices["lora.dtype"] == "bfloat16"

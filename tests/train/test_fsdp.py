@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora.cli.train import resolve_config
+from qlora.train.config import BUILTIN_RUN
 from qlora.train.fsdp import fsdp_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ SETTINGS = ["train.gradient_accumulation_steps=1", f"train.max_steps={STEPS}", "
 
 
 def _train(out: Path, micro_batch: int, *extra) -> list[str]:
-    return ["-m", "qlora", "train", *extra, "--set", f"train.output_dir={out}",
+    return ["-m", "qlora", "train", BUILTIN_RUN, *extra, "--set", f"train.output_dir={out}",
             f"train.micro_batch_size={micro_batch}", *SETTINGS]
 
 
