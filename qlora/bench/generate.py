@@ -43,11 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts generated at once (default 1)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK['model']}, prompt {QUICK['prompt_len']}, {QUICK['new_tokens']} new "
-                             f"tokens, {QUICK['rounds']} rounds, on CPU")
-    parser.add_argument("--out", default="runs/bench", help="output directory")
+    harness.add_run_arguments(parser, f"{QUICK['model']}, prompt {QUICK['prompt_len']}, {QUICK['new_tokens']} new "
+                                      f"tokens, {QUICK['rounds']} rounds, on CPU")
 
 
 def _resolve(args) -> dict:

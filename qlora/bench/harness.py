@@ -97,6 +97,14 @@ def measure_peak(device: torch.device, quick: bool) -> dict:
                 peak_gemm_shape=f"{n}x{n}x{n}", peak_copy_bytes=copy_bytes)
 
 
+def add_run_arguments(parser, quick_help: str) -> None:
+    """The options every benchmark command takes: --device, --quick (``quick_help`` says what it
+    runs) and --out."""
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default="runs/bench", help="output directory")
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

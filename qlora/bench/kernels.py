@@ -100,10 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all available)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved timing rounds per comparison (default 5, --quick 3)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny shapes ({QUICK_SHAPES}) on CPU, all modes, in under a minute")
-    parser.add_argument("--out", default="runs/bench", help="output directory")
+    harness.add_run_arguments(parser, f"tiny shapes ({QUICK_SHAPES}) on CPU, all modes, in under a minute")
     parser.add_argument("--predicted", action="store_true",
                         help="print only the static speed model's predicted time of each path per shape "
                              "(no kernel runs; works without a GPU)")

@@ -24,15 +24,13 @@ from qlora.optim import PagedAdamW
 
 
 def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true", help="small CPU run (< 30 s)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    harness.add_run_arguments(parser, "small CPU run (< 30 s)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--modules", type=int, default=7, help="adapted linears per layer")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--page-bytes", type=int, default=8 << 20)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--out", default="runs/bench", help="output directory")
 
 
 def make_params(args, device):

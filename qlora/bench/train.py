@@ -55,11 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per stack (default 10)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK['model']}, seq-len {QUICK['seq_len']}, batch {QUICK['batch_size']}, "
-                             f"{QUICK['steps']} steps, on CPU")
-    parser.add_argument("--out", default="runs/bench", help="output directory")
+    harness.add_run_arguments(parser, f"{QUICK['model']}, seq-len {QUICK['seq_len']}, batch {QUICK['batch_size']}, "
+                                      f"{QUICK['steps']} steps, on CPU")
 
 
 def _resolve(args) -> dict:
