@@ -22,10 +22,11 @@ from qlora.memory import estimate as est
 from qlora.memory import profile
 from qlora.memory.max_context import ladder
 from qlora.model.presets import load_preset
-from qlora.ops.tiled_mlp import DEFAULT_CHUNK_TOKENS
+from qlora.ops.tiled import DEFAULT_CHUNK_TOKENS
 
 BEST = dict(grad_checkpointing=True, offload_checkpoints=True, tiled_mlp=DEFAULT_CHUNK_TOKENS,
-            compact_norms=True, embedding_on_host=True, lora_dtype="bfloat16")
+            tiled_qkv=DEFAULT_CHUNK_TOKENS, compact_norms=True, embedding_on_host=True,
+            lora_dtype="bfloat16")
 
 
 def targets(dry_run: bool) -> dict:

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                    help="lm_head + cross-entropy chunk by chunk (no full logits tensor)")
     e.add_argument("--tiled-mlp", type=int, default=0, metavar="TOKENS",
                    help="run each MLP over chunks of TOKENS tokens (0: off)")
+    e.add_argument("--tiled-qkv", type=int, default=0, metavar="TOKENS",
+                   help="run each attention's input norm, q/k/v projections and RoPE over "
+                        "chunks of TOKENS tokens (0: off)")
     e.add_argument("--compact-norms", action="store_true",
                    help="RMSNorms keep their input and 1/rms, not an fp32 copy")
     e.add_argument("--embedding-on-host", action="store_true",
@@ -62,7 +65,7 @@ def run_estimate(args) -> int:
                            optimizer=args.optimizer or ("adamw" if args.gpus > 1 else "paged_adamw"),
                            grad_checkpointing=args.grad_checkpointing,
                            offload_checkpoints=args.offload_checkpoints, chunked_loss=args.chunked_loss,
-                           tiled_mlp=args.tiled_mlp, compact_norms=args.compact_norms,
+                           tiled_mlp=args.tiled_mlp, tiled_qkv=args.tiled_qkv, compact_norms=args.compact_norms,
                            embedding_on_host=args.embedding_on_host,
                            lora_bytes=4 if args.lora_dtype == "float32" else 2,
                            gpu_budget_bytes=budget)

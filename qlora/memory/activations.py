@@ -20,11 +20,15 @@ What the replay follows, per op (checked op by op against the allocation trace o
         its square, x·r and the cast; saves x itself and r.
   Qwen3's query and key norms: as Hugging Face's RMSNorm above, over each head.
   rotary (apply_rotary_pos_emb): q·cos, -x2, cat, ·sin, the sum, for q and for k.
+  tiled q/k/v (qlora.model.activation_memory.enable_tiled_qkv): the input norm (Hugging Face's),
+        q, k, their rotary, v on C tokens, written into the three outputs (allocated after the
+        first chunk); saves the layer input only. Backward: the input gradient, then per chunk
+        the same forward under autograd and its backward (v, the rotaries, k, q, the norm).
   attention (SDPA): the output and the fp32 logsumexp (saved); the kernel's workspace (CPU:
         ATen's flash kernel's per-thread buffers; CUDA: FlashAttention-2, whose backward keeps
         an fp32 dQ accumulator and, for grouped heads, dK and dV expanded to all heads,
         flash-attention csrc/flash_attn/flash_api.cpp ``mha_bwd``).
-  MLP: gate, SiLU, up, their product, down; tiled (qlora.ops.tiled_mlp): the output, then
+  MLP: gate, SiLU, up, their product, down; tiled (qlora.ops.tiled): the output, then
         per chunk of C tokens the same intermediates; saves its input only.
   MoE block (transformers' Mixtral / Qwen3-MoE router, qlora.nn.experts.nf4_experts_forward):
         the router's 16-bit logits, their fp32 softmax (saved), top-k values and indices (saved),
@@ -45,12 +49,13 @@ Not replayed: the matrix multiplications' own scratch (cuBLAS' workspace is allo
 oneDNN's on CPU is 40-200 KB per thread and call), and the caching allocator's rounding and
 fragmentation on CUDA (the estimate counts allocated bytes, not reserved ones).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Bytes per thread, besides kv rows·head_dim·a, that ATen's CPU flash-attention backward
 # allocates for its block GEMMs (measured with torch.profiler, torch 2.13 on x86).
 CPU_FLASH_GEMM_SCRATCH = 164992
 MLP = ("gate_proj", "up_proj", "down_proj")
+QKV = ("q_proj", "k_proj", "v_proj")
 EXPERTS = ("gate_up_proj", "down_proj")   # an MoE layer's fused expert weights
 
 
@@ -106,6 +111,7 @@ class Dims:
     device: str            # "cpu" or "cuda"
     compact_norms: bool
     tiled_mlp: int         # chunk tokens, 0: off
+    tiled_qkv: int         # chunk tokens of the input norm, q/k/v and rotary, 0: off
     norm_chunk: int        # tokens per chunk of the compact norm
     cpu_threads: int       # ATen's thread count (the CPU attention kernel's buffers)
     lora_copies: bool      # the adapters are cast/concatenated per call (bytes a·r·(in+out))
@@ -277,6 +283,15 @@ def norm_keeps_input(d: Dims) -> bool:
     return d.compact_norms or d.a == 4
 
 
+def layer_keeps_input(d: Dims, x_grad: bool) -> bool:
+    """Whether a decoder layer recorded for backward holds on to its input tensor: the tiled
+    q/k/v saves it whenever it records (the input or a q/k/v adapter needs a gradient), else
+    the input norm may (``norm_keeps_input``)."""
+    if d.tiled_qkv:
+        return x_grad or bool(d.adapted & set(QKV))
+    return x_grad and norm_keeps_input(d)
+
+
 # ---- attention -----------------------------------------------------------------------------------
 def _flash_cpu_splits(d: Dims) -> tuple:
     """(q rows, kv rows) per block of ATen's CPU flash attention kernel."""
@@ -346,9 +361,9 @@ def rope_forward(t: Tape, d: Dims, name: str, width: int) -> None:
     t.drop(f"{name}.cos", f"{name}.sin")
 
 
-def rope_backward(t: Tape, d: Dims, name: str, width: int, dy: str) -> None:
+def rope_backward(t: Tape, d: Dims, name: str, width: int, dy: str, relayout: bool = True) -> None:
     """From the gradient ``dy`` (released once used) to f"{name}.dx" in the projection's
-    layout."""
+    layout (``relayout``: [b, heads, s, d] back to [b, s, heads·d], a copy; else a view)."""
     w = d.a * width * d.tokens
     t.new(f"{name}.drot", w)
     t.new(f"{name}.dneg", w // 2)
@@ -358,8 +373,80 @@ def rope_backward(t: Tape, d: Dims, name: str, width: int, dy: str) -> None:
     t.drop(f"{name}.dslice2", f"{name}.drot")   # summed into dslice1
     t.new(f"{name}.dcos", w)
     t.drop(f"{name}.dcos", dy)
-    t.new(f"{name}.dx", w)                      # reshaped to [b, s, heads·d]: a copy
-    t.drop(f"{name}.dslice1")
+    if relayout:
+        t.new(f"{name}.dx", w)
+        t.drop(f"{name}.dslice1")
+    else:
+        t.rename(f"{name}.dslice1", f"{name}.dx")
+
+
+# ---- tiled q/k/v ---------------------------------------------------------------------------------
+def _qkv_chunk_forward(t: Tape, d: Dims, name: str, rows: int, grad: bool, x_grad: bool) -> None:
+    """The input norm, q, k, their rotary and v on ``rows`` tokens: leaves f"{name}.q",
+    f"{name}.k" (rotated) and f"{name}.v" and, when ``grad``, what their backward needs
+    (``x_grad``: the chunk's input needs a gradient)."""
+    dc = replace(d, tokens=rows)
+    norm_forward(t, dc, f"{name}.ln1", grad and x_grad, compact=False)
+    for proj, width in (("q_proj", d.hq), ("k_proj", d.hkv)):
+        linear_forward(t, d, f"{name}.{proj}", d.h, width, rows, grad and (x_grad or proj in d.adapted))
+    rope_forward(t, dc, f"{name}.qrope", d.hq)
+    rope_forward(t, dc, f"{name}.krope", d.hkv)
+    t.drop(f"{name}.q_proj.out", f"{name}.k_proj.out")
+    t.rename(f"{name}.qrope.out", f"{name}.q")
+    t.rename(f"{name}.krope.out", f"{name}.k")
+    v_grad = grad and (x_grad or "v_proj" in d.adapted)
+    linear_forward(t, d, f"{name}.v_proj", d.h, d.hkv, rows, v_grad)
+    t.rename(f"{name}.v_proj.out", f"{name}.v")
+    if not (grad and d.adapted & set(QKV)):   # LoRA's dA needs the normalized rows
+        t.drop(f"{name}.ln1.out")
+
+
+def qkv_forward(t: Tape, d: Dims, L: str) -> None:
+    """The tiled q/k/v of layer L: leaves f"{L}.qrope.out", f"{L}.krope.out", f"{L}.v_proj.out"
+    for all N tokens; the chunks keep nothing."""
+    N, a = d.tokens, d.a
+    c = min(N, d.tiled_qkv)
+    name = f"{L}.qkv"
+    _qkv_chunk_forward(t, d, name, c, grad=False, x_grad=False)
+    for full, width in (("qrope.out", d.hq), ("krope.out", d.hkv), ("v_proj.out", d.hkv)):
+        t.new(f"{L}.{full}", a * width * N)
+    t.drop(f"{name}.q", f"{name}.k", f"{name}.v")
+    if N > c:  # the other chunks: the same, written into the outputs
+        _qkv_chunk_forward(t, d, name, c, grad=False, x_grad=False)
+        t.drop(f"{name}.q", f"{name}.k", f"{name}.v")
+
+
+def qkv_backward(t: Tape, d: Dims, L: str, x_grad: bool) -> None:
+    """From the attention's dq, dk, dv (released here) to f"{L}.qkv.dx" (when ``x_grad``): per
+    chunk the forward again under autograd, then its backward (autograd's order: v, the rotary
+    of k, of q, then k, q and the norm)."""
+    N, a, h = d.tokens, d.a, d.h
+    c = min(N, d.tiled_qkv)
+    name = f"{L}.qkv.chunk"
+    dc = replace(d, tokens=c)
+    if x_grad:
+        t.new(f"{L}.qkv.dx", a * h * N)
+    for g in ("dq", "dk", "dv"):
+        t.new(f"{name}.{g}", 0)  # rows of the incoming gradients
+    _qkv_chunk_forward(t, d, name, c, grad=True, x_grad=x_grad)
+    normed = (f"{name}.ln1.out",) if t.has(f"{name}.ln1.out") else ()
+    linear_backward(t, d, f"{name}.v_proj", h, d.hkv, c, f"{name}.dv")
+    t.drop(f"{name}.v")
+    rope_backward(t, dc, f"{name}.krope", d.hkv, f"{name}.dk", relayout=False)
+    rope_backward(t, dc, f"{name}.qrope", d.hq, f"{name}.dq", relayout=False)
+    t.drop(f"{name}.q", f"{name}.k")
+    linear_backward(t, d, f"{name}.k_proj", h, d.hkv, c, f"{name}.krope.dx")
+    t.new(f"{name}.dsum", a * h * c)
+    t.drop(f"{name}.v_proj.dx", f"{name}.k_proj.dx")
+    linear_backward(t, d, f"{name}.q_proj", h, d.hq, c, f"{name}.qrope.dx", last_use=normed)
+    t.new(f"{name}.dnormed", a * h * c)
+    t.drop(f"{name}.dsum", f"{name}.q_proj.dx")
+    if x_grad:
+        norm_backward(t, dc, f"{name}.ln1", f"{name}.dnormed", compact=False)
+        t.drop(f"{name}.ln1.dx")   # written into the input gradient
+    else:
+        t.drop(f"{name}.dnormed")
+    t.drop(f"{L}.sdpa.dq", f"{L}.sdpa.dk", f"{L}.sdpa.dv")
 
 
 # ---- MLP -----------------------------------------------------------------------------------------
@@ -560,18 +647,15 @@ def moe_backward(t: Tape, d: Dims, name: str, dy: str) -> None:
 
 
 # ---- a decoder layer -----------------------------------------------------------------------------
-def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool, moe: bool = False) -> None:
-    """LlamaDecoderLayer on f"{L}.x" (alive, the caller's): leaves f"{L}.out" and, when ``grad``,
-    everything its backward needs. ``x_grad``: the input requires a gradient. ``moe``: the MLP
-    is the sparse MoE block."""
-    a, h, N = d.a, d.h, d.tokens
-    qkv_trained = bool(d.adapted & {"q_proj", "k_proj", "v_proj"})
-    attention_grad = grad and (x_grad or qkv_trained)
+def _qkv_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool, attention_grad: bool) -> None:
+    """The input norm, q/k/v projections and rotary of layer L, untiled: leaves
+    f"{L}.qrope.out", f"{L}.krope.out", f"{L}.v_proj.out" and what their backward needs."""
+    h = d.h
     norm_forward(t, d, f"{L}.ln1", grad and x_grad)
     x_in = f"{L}.ln1.out"
     for proj, width in (("q_proj", d.hq), ("k_proj", d.hkv), ("v_proj", d.hkv)):
-        linear_forward(t, d, f"{L}.{proj}", h, width, N, grad and (x_grad or proj in d.adapted))
-    if not (grad and qkv_trained):
+        linear_forward(t, d, f"{L}.{proj}", h, width, d.tokens, grad and (x_grad or proj in d.adapted))
+    if not (grad and d.adapted & set(QKV)):
         t.drop(x_in)
     rope_in = (f"{L}.q_proj.out", f"{L}.k_proj.out")
     if d.qk_norm:  # Qwen3: RMSNorm over each head of the query and the key, before the rotary
@@ -583,6 +667,19 @@ def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool, moe: bool 
     rope_forward(t, d, f"{L}.qrope", d.hq)
     rope_forward(t, d, f"{L}.krope", d.hkv)
     t.drop(*rope_in)
+
+
+def layer_forward(t: Tape, d: Dims, L: str, grad: bool, x_grad: bool, moe: bool = False) -> None:
+    """LlamaDecoderLayer on f"{L}.x" (alive, the caller's): leaves f"{L}.out" and, when ``grad``,
+    everything its backward needs. ``x_grad``: the input requires a gradient. ``moe``: the MLP
+    is the sparse MoE block."""
+    a, h, N = d.a, d.h, d.tokens
+    qkv_trained = bool(d.adapted & set(QKV))
+    attention_grad = grad and (x_grad or qkv_trained)
+    if d.tiled_qkv:
+        qkv_forward(t, d, L)
+    else:
+        _qkv_forward(t, d, L, grad, x_grad, attention_grad)
     sdpa_forward(t, d, f"{L}.sdpa", attention_grad)
     if not attention_grad:
         t.drop(f"{L}.qrope.out", f"{L}.krope.out", f"{L}.v_proj.out")
@@ -625,6 +722,13 @@ def layer_backward(t: Tape, d: Dims, L: str, x_grad: bool, moe: bool = False) ->
         sdpa_backward(t, d, f"{L}.sdpa")
         t.drop(f"{L}.o_proj.dx", f"{L}.sdpa.out", f"{L}.qrope.out", f"{L}.krope.out",
                f"{L}.v_proj.out")
+        if d.tiled_qkv:
+            qkv_backward(t, d, L, x_grad)
+            if x_grad:
+                t.new(f"{L}.dx", a * h * N)        # dh1 + the attention branch's gradient
+                t.drop(f"{L}.qkv.dx")
+            t.drop(f"{L}.dh1")
+            return
         rope_backward(t, d, f"{L}.krope", d.hkv, f"{L}.sdpa.dk")
         rope_backward(t, d, f"{L}.qrope", d.hq, f"{L}.sdpa.dq")
         dk, dq = f"{L}.krope.dx", f"{L}.qrope.dx"
@@ -753,7 +857,7 @@ def step_memory(d: Dims, layers: int, *, checkpointing: bool, offload: bool, los
             t.rename(f"{L}.out", f"{k + 1}.x")
             continue
         layer_forward(t, d, L, grad=True, x_grad=k > 0, moe=k in moe_layers)
-        if not (k > 0 and norm_keeps_input(d)):
+        if not layer_keeps_input(d, x_grad=k > 0):
             t.drop(f"{L}.x")
         t.rename(f"{L}.out", f"{k + 1}.x")
     last = f"{layers}.x"

@@ -214,7 +214,8 @@ class TrainSetup:
     chunked_loss: bool = False  # qlora.ops.losses: lm_head + cross-entropy chunk by chunk over tokens
     compute_bytes: int = 2   # bf16 activations and 16-bit base params
     lora_bytes: int = 4      # fp32 adapters; 2: 16-bit adapters with fp32 masters in the optimizer
-    tiled_mlp: int = 0       # qlora.ops.tiled_mlp: tokens per chunk, 0: off
+    tiled_mlp: int = 0       # qlora.ops.tiled: tokens per chunk, 0: off
+    tiled_qkv: int = 0       # input norm, q/k/v and RoPE tiled (qlora.model.activation_memory): tokens per chunk, 0: off
     compact_norms: bool = False       # qlora.ops.compact_norm
     embedding_on_host: bool = False   # qlora.model.host_embedding: the input embedding in host memory
     gpu_budget_bytes: int = None      # device bytes for the run: optimizer pages beyond it spill
@@ -241,8 +242,9 @@ class TrainSetup:
         if self.lora_bytes < 4 and self.optimizer == "adamw":
             raise ValueError("16-bit LoRA weights (lora_bytes < 4) need a paged optimizer, which "
                              "keeps their fp32 masters; torch's AdamW would round every update")
-        if self.tiled_mlp < 0:
-            raise ValueError(f"tiled_mlp must be >= 0 tokens (0: off), got {self.tiled_mlp}")
+        for name in ("tiled_mlp", "tiled_qkv"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 tokens (0: off), got {getattr(self, name)}")
         if self.backend not in ("",) + BACKENDS:
             raise ValueError(f"backend {self.backend!r} must be one of {list(BACKENDS)}")
 
@@ -261,12 +263,12 @@ class TrainSetup:
 
 
 def unavailable_options(arch: Architecture) -> set:
-    """The TrainSetup memory options qlora cannot apply to this model: compact norms outside the
-    model types qlora.model.patch supports, a tiled MLP where every layer's MLP is an MoE block
-    (qlora.model.activation_memory tiles dense ``*MLP`` modules only)."""
+    """The TrainSetup memory options qlora cannot apply to this model: compact norms and the tiled
+    q/k/v outside the model types qlora.model.patch supports, a tiled MLP where every layer's MLP
+    is an MoE block (qlora.model.activation_memory tiles dense ``*MLP`` modules only)."""
     from qlora.model.patch import SUPPORTED
 
-    out = set() if arch.model_type in SUPPORTED else {"compact_norms"}
+    out = set() if arch.model_type in SUPPORTED else {"compact_norms", "tiled_qkv"}
     return out | ({"tiled_mlp"} if len(arch.moe_layers) == arch.num_layers else set())
 
 
@@ -529,7 +531,7 @@ def dims(arch: Architecture, setup: TrainSetup) -> Dims:
                 vocab=arch.vocab_size, rank=setup.rank,
                 adapted=frozenset(setup.targets) | expert_targets(setup.targets),
                 backend=backend, device=setup.device, compact_norms=setup.compact_norms,
-                tiled_mlp=setup.tiled_mlp, norm_chunk=norm_chunk_tokens(arch.hidden_size),
+                tiled_mlp=setup.tiled_mlp, tiled_qkv=setup.tiled_qkv, norm_chunk=norm_chunk_tokens(arch.hidden_size),
                 cpu_threads=setup.cpu_threads,
                 # the fused path concatenates and scales the adapters per call; the torch path
                 # casts them when their dtype is not the compute dtype

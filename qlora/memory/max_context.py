@@ -11,7 +11,7 @@ the model (``estimate.unavailable_options``) are left out.
 from dataclasses import replace
 
 from qlora.memory import estimate as est
-from qlora.ops.tiled_mlp import DEFAULT_CHUNK_TOKENS
+from qlora.ops.tiled import DEFAULT_CHUNK_TOKENS
 
 # (what it is, the TrainSetup change it makes), in the order they are added
 OPTIONS = (
@@ -20,6 +20,8 @@ OPTIONS = (
     ("checkpoints offloaded to host memory", {"offload_checkpoints": True}),
     (f"tiled MLP ({DEFAULT_CHUNK_TOKENS} tokens per chunk)", {"tiled_mlp": DEFAULT_CHUNK_TOKENS}),
     ("compact RMSNorms", {"compact_norms": True}),
+    (f"tiled norm + q/k/v + RoPE ({DEFAULT_CHUNK_TOKENS} tokens per chunk)",
+     {"tiled_qkv": DEFAULT_CHUNK_TOKENS}),
     ("input embedding in host memory", {"embedding_on_host": True}),
     ("16-bit LoRA weights, fp32 masters in the optimizer", {"lora_bytes": 2}),
 )
@@ -54,7 +56,7 @@ def ladder(config: dict, budget: int, base: est.TrainSetup) -> list:
     """Rows {option, max_seq_len, gained, without} (see the module docstring); ``base`` gives
     rank, targets, optimizer and dtypes; its memory options are ignored."""
     start = replace(base, grad_checkpointing=True, offload_checkpoints=False, chunked_loss=False,
-                    tiled_mlp=0, compact_norms=False, embedding_on_host=False,
+                    tiled_mlp=0, tiled_qkv=0, compact_norms=False, embedding_on_host=False,
                     gpu_budget_bytes=None, lora_bytes=4)
     rows = [{"option": "gradient checkpointing (the start)", "max_seq_len": longest(config, start, budget),
              "gained": None, "without": None}]

@@ -9,8 +9,9 @@ The budget is ``train.gpu_memory_gb`` or the device's free memory when the run s
 estimate (``qlora.memory.estimate``) of the run's setup is computed with every "auto" option
 off; while it does not fit, the next option of ``LADDER`` is turned on (and kept if it lowers
 the estimate), cheapest first: the
-input embedding to host memory (exact, one gather per batch), compact norms and the tiled MLP
-(the same gradients up to the order of additions, some recomputation), then 16-bit LoRA weights
+input embedding to host memory (exact, one gather per batch), compact norms, the tiled MLP and
+the tiled input norm + q/k/v + RoPE (the same gradients up to the order of additions, some
+recomputation), then 16-bit LoRA weights
 with fp32 masters (rounds the forward's adapters to 16 bits). Optimizer pages that do not fit
 beside the rest stay in pinned host memory whatever the options: the plan tells PagedAdamW its
 device budget, so the run places them as the estimate did. Without a budget (a CPU run that does
@@ -24,13 +25,14 @@ from pathlib import Path
 from typing import Optional
 
 from qlora.memory import estimate as est
-from qlora.ops.tiled_mlp import DEFAULT_CHUNK_TOKENS
+from qlora.ops.tiled import DEFAULT_CHUNK_TOKENS
 from qlora.train.config import AUTO, BUILTIN_MODEL, Config, read_yaml
 
 # (config key, value when the plan turns it on, value when off), cheapest first
 LADDER = (("model.embedding_on_host", True, False),
           ("model.compact_norms", True, False),
           ("model.tiled_mlp", DEFAULT_CHUNK_TOKENS, 0),
+          ("model.tiled_qkv", DEFAULT_CHUNK_TOKENS, 0),
           ("lora.dtype", "compute dtype", "float32"))
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -89,7 +91,7 @@ def train_setup(cfg: Config, device: str, budget: Optional[int]) -> est.TrainSet
         and device == "cuda",
         chunked_loss=backend == "triton", compute_bytes=compute,
         lora_bytes=compute if lora_dtype == "compute dtype" else DTYPE_BYTES[lora_dtype],
-        tiled_mlp=value("model.tiled_mlp"), compact_norms=value("model.compact_norms"),
+        tiled_mlp=value("model.tiled_mlp"), tiled_qkv=value("model.tiled_qkv"), compact_norms=value("model.compact_norms"),
         embedding_on_host=value("model.embedding_on_host"), gpu_budget_bytes=budget,
         device=device, backend=backend)
 

@@ -50,6 +50,7 @@ class ProfileSettings:
     grad_checkpointing: bool = False
     offload_checkpoints: bool = False   # CUDA only (on CPU the checkpoints stay where they are)
     tiled_mlp: int = 0
+    tiled_qkv: int = 0
     compact_norms: bool = False
     embedding_on_host: bool = False
     lora_dtype: str = "float32"
@@ -97,6 +98,7 @@ def settings_from_yaml(path: str) -> ProfileSettings:
         optimizer=cfg.optim.name, lr=cfg.optim.lr,
         grad_checkpointing=cfg.model.gradient_checkpointing,
         offload_checkpoints=cfg.model.offload_activations, tiled_mlp=options["tiled_mlp"],
+        tiled_qkv=options["tiled_qkv"],
         compact_norms=options["compact_norms"], embedding_on_host=options["embedding_on_host"],
         lora_dtype={torch.float32: "float32"}.get(options["lora_dtype"], "bfloat16"),
         dtype=cfg.quant.compute_dtype if device == "cuda" else "float32",
@@ -115,6 +117,7 @@ def train_setup(settings: ProfileSettings) -> est.TrainSetup:
         chunked_loss=_backend(settings) == "triton",
         compute_bytes=DTYPES[settings.dtype].itemsize,
         lora_bytes=DTYPES[settings.lora_dtype].itemsize, tiled_mlp=settings.tiled_mlp,
+        tiled_qkv=settings.tiled_qkv,
         compact_norms=settings.compact_norms, embedding_on_host=settings.embedding_on_host,
         gpu_budget_bytes=None if settings.gpu_budget_gb is None
         else int(settings.gpu_budget_gb * est.GB),
@@ -159,7 +162,8 @@ def build_model(config: dict, settings: ProfileSettings):
     model.to(settings.device)
     apply_memory_options(model, lora_dtype=DTYPES[settings.lora_dtype],
                          embedding_on_host=settings.embedding_on_host,
-                         tiled_mlp=settings.tiled_mlp, compact_norms=settings.compact_norms)
+                         tiled_mlp=settings.tiled_mlp, tiled_qkv=settings.tiled_qkv,
+                         compact_norms=settings.compact_norms)
     if settings.grad_checkpointing:
         enable_checkpointing(model, offload=settings.offload_checkpoints)
     model.train()

@@ -38,6 +38,7 @@ def estimate_table(est: Estimate, comparison_rows: list, fit: dict, gpu_bytes: i
     ckpt = "on" + (", offloaded" if s.offload_checkpoints else "") if s.grad_checkpointing else "off"
     options = [name for name, on in (("chunked loss", s.chunked_loss),
                                      (f"tiled MLP {s.tiled_mlp}", s.tiled_mlp),
+                                     (f"tiled q/k/v {s.tiled_qkv}", s.tiled_qkv),
                                      ("compact norms", s.compact_norms),
                                      ("embedding on host", s.embedding_on_host),
                                      ("16-bit LoRA + fp32 masters", s.master_weights)) if on]

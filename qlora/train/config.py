@@ -74,6 +74,11 @@ class ModelConfig:
     tiled_mlp: Union[int, str] = _spec(AUTO, min=0, auto=True, help="tokens per chunk of the "
                                        "tiled MLP (intermediates of one chunk at a time); 0: off; "
                                        "auto: on when the memory plan needs it")
+    tiled_qkv: Union[int, str] = _spec(AUTO, min=0, auto=True, help="tokens per chunk of each "
+                                       "attention's input norm, q/k/v projections and RoPE "
+                                       "(Llama/Mistral/Qwen2; the layer then keeps its input, "
+                                       "not the normalized one); 0: off; auto: on when the "
+                                       "memory plan needs it")
     compact_norms: Union[bool, str] = _spec(AUTO, auto=True, help="RMSNorms keep their input "
                                             "and 1/rms, not an fp32 copy; auto: when the plan "
                                             "needs it")

@@ -284,10 +284,12 @@ class Trainer:
             else self.resumed_from / "adapter"
         self.model = build_model(cfg, self.acc.device, adapter_dir)
         self.plan = plan  # qlora.memory.plan.MemoryPlan from `qlora train`, or None
-        self.memory_notes = apply_memory_options(self.model, **memory_options(cfg))
-        self.adalora = AdaLoRATraining(self.model, cfg.lora, cfg.train.max_steps) if cfg.lora.type == "adalora" else None
         if cfg.model.fused_kernels:
             self.patched = _patch_fused_kernels(self.model, self.acc.device)
+        # after the fused kernels, which replace module forwards outright: the memory options
+        # wrap whichever forward they find
+        self.memory_notes = apply_memory_options(self.model, **memory_options(cfg))
+        self.adalora = AdaLoRATraining(self.model, cfg.lora, cfg.train.max_steps) if cfg.lora.type == "adalora" else None
         if cfg.model.gradient_checkpointing:
             from qlora.ops.offload import enable_checkpointing
 

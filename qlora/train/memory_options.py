@@ -1,5 +1,5 @@
 """A run's memory options applied to its model: ``lora.dtype``, ``model.tiled_mlp``,
-``model.compact_norms``, ``model.embedding_on_host``.
+``model.tiled_qkv``, ``model.compact_norms``, ``model.embedding_on_host``.
 
 Each may be "auto": ``qlora train`` decides it from the memory plan (``qlora.memory.plan``)
 before the run starts and writes the decision into the config. A config that still says
@@ -32,16 +32,20 @@ def memory_options(cfg: Config) -> dict:
     return dict(lora_dtype=lora_dtype(cfg),
                 embedding_on_host=resolved(cfg.model.embedding_on_host, False),
                 tiled_mlp=resolved(cfg.model.tiled_mlp, 0),
+                tiled_qkv=resolved(cfg.model.tiled_qkv, 0),
                 compact_norms=resolved(cfg.model.compact_norms, False))
 
 
 def apply_memory_options(model, *, lora_dtype: torch.dtype, embedding_on_host: bool,
-                         tiled_mlp: int, compact_norms: bool) -> list[str]:
+                         tiled_mlp: int, tiled_qkv: int, compact_norms: bool) -> list[str]:
     """Apply the options to ``model`` (adapters added, on its device): trained weights cast to
     ``lora_dtype`` (their fp32 masters live in the optimizer), the embedding table to host
-    memory, the tiled MLP (``tiled_mlp`` tokens per chunk, 0: off), the compact norms.
-    Returns what was done, one line each, for the run's log."""
-    from qlora.model.activation_memory import enable_compact_norms, enable_tiled_mlp
+    memory, the tiled MLP (``tiled_mlp`` tokens per chunk, 0: off), the tiled input norm +
+    q/k/v + RoPE (``tiled_qkv`` likewise), the compact norms (but the input norms a tiled
+    q/k/v runs: they exist for one chunk at a time). Returns what was done, one line each, for
+    the run's log."""
+    from qlora.model.activation_memory import (enable_compact_norms, enable_tiled_mlp,
+                                               enable_tiled_qkv)
     from qlora.model.host_embedding import move_embedding_to_host
 
     done = []
@@ -56,6 +60,9 @@ def apply_memory_options(model, *, lora_dtype: torch.dtype, embedding_on_host: b
     if tiled_mlp:
         done.append(f"tiled MLP, {tiled_mlp} tokens per chunk "
                     f"({enable_tiled_mlp(model, tiled_mlp)} layers)")
+    if tiled_qkv:
+        done.append(f"tiled input norm + q/k/v + RoPE, {tiled_qkv} tokens per chunk "
+                    f"({enable_tiled_qkv(model, tiled_qkv)} layers)")
     if compact_norms:
         done.append(f"compact RMSNorms ({enable_compact_norms(model)})")
     return done

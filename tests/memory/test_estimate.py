@@ -135,6 +135,19 @@ def test_tiled_mlp_keeps_only_its_input():
     assert tiled.bytes_of("forward transients") < untiled.bytes_of("forward transients")
 
 
+def test_tiled_qkv_keeps_the_layer_input_only():
+    """Tiled, the input norm, q/k/v and RoPE of the recomputed layer keep the layer's input (the
+    checkpoint, kept anyway) and none of the norm's fp32 copy and 1/rms (4h + 4 per token), the
+    normalized input LoRA on q and v would keep (a·h), their A·x (a·r each) or adapter copies;
+    the attention's rotated q, k and v are kept either way."""
+    untiled = est.estimate(CONFIG_B, SETUP_B)
+    tiled = est.estimate(CONFIG_B, replace(SETUP_B, tiled_qkv=4))
+    N, a, h, r, hq, hkv = 24, 2, 64, 2, 64, 16
+    copies = a * r * ((h + hq) + (h + hkv))
+    assert untiled.bytes_of("recomputed layer") - tiled.bytes_of("recomputed layer") == \
+        N * (4 * h + 4 + a * h + 2 * a * r) + copies
+
+
 def test_compact_norms_keep_the_input_instead_of_an_fp32_copy():
     """Per recomputed layer: the attention norm's fp32 copy (4h) goes (its input is the
     checkpoint, kept anyway), the MLP norm's becomes the 16-bit residual it normalizes (a·h)."""

@@ -63,7 +63,7 @@ def test_an_option_that_does_not_help_stays_off():
 def test_set_options_are_not_auto():
     cfg = resolve_config(None, LONG + ["model.tiled_mlp=0", "lora.dtype=float32"])
     plan = plan_run(cfg, 10**6, "cuda")
-    assert set(plan.choices) == {"model.embedding_on_host", "model.compact_norms"}
+    assert set(plan.choices) == {"model.embedding_on_host", "model.compact_norms", "model.tiled_qkv"}
 
 
 def test_plan_for_run_writes_the_choices_and_a_resume_inherits_them(tmp_path):
@@ -113,17 +113,19 @@ def test_adapters_stay_fp32_without_paged_adamw():
 
 
 def test_an_moe_model_gets_no_option_qlora_cannot_apply_to_it():
-    """Mixtral: no compact norms (qlora.model.patch does not patch its RMSNorm) and no tiled MLP
-    (every layer's MLP is an MoE block); with a budget nothing fits, the plan turns on every other
-    option and leaves those two off, as the ladder of --max-context leaves them out."""
+    """Mixtral: no compact norms and no tiled q/k/v (qlora.model.patch supports neither its
+    RMSNorm nor its attention) and no tiled MLP (every layer's MLP is an MoE block); with a budget
+    nothing fits, the plan turns on every other option and leaves those three off, as the ladder
+    of --max-context leaves them out."""
     from qlora.memory.max_context import ladder
 
     cfg = resolve_config(None, ["model.name_or_path=mixtral-8x7b", "data.max_seq_len=65536",
                                 "train.micro_batch_size=1", "model.gradient_checkpointing=true"])
     plan = plan_run(cfg, 10**6, "cuda", "a test")
     assert plan.choices["model.compact_norms"] is False and plan.choices["model.tiled_mlp"] == 0
+    assert plan.choices["model.tiled_qkv"] == 0
     assert plan.choices["model.embedding_on_host"] is True and plan.choices["lora.dtype"] == "bfloat16"
     assert est.unavailable_options(est.Architecture.from_config(est.load_preset("mixtral-8x7b"))) == \
-        {"compact_norms", "tiled_mlp"}
+        {"compact_norms", "tiled_mlp", "tiled_qkv"}
     options = [row["option"] for row in ladder(est.load_preset("mixtral-8x7b"), 48 * est.GB, est.TrainSetup())]
     assert not any("tiled" in o or "compact" in o for o in options) and len(options) == 6

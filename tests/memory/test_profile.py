@@ -28,8 +28,11 @@ OPTIONS = {
     "tiled MLP": {"tiled_mlp": 256},
     "checkpointing": {"grad_checkpointing": True},
     "checkpointing + tiled MLP": {"grad_checkpointing": True, "tiled_mlp": 256},
+    "tiled q/k/v": {"tiled_qkv": 256},
+    "checkpointing + tiled q/k/v": {"grad_checkpointing": True, "tiled_qkv": 256},
     # and every option at once, with a device budget small enough that optimizer pages spill
-    "everything": {"grad_checkpointing": True, "tiled_mlp": 256, "compact_norms": True,
+    "everything": {"grad_checkpointing": True, "tiled_mlp": 256, "tiled_qkv": 256,
+                   "compact_norms": True,
                    "embedding_on_host": True, "lora_dtype": "bfloat16", "gpu_budget_gb": 0.005},
 }
 

@@ -150,9 +150,18 @@ def test_fused_kernels_switch_patches_the_model_or_names_the_key(tmp_path, monke
         Trainer(_cfg(tmp_path / "torch", "model.fused_kernels=true"))
     # The kernels' numerics are tested in tests/model/test_patch.py; here, that the switch reaches them.
     monkeypatch.setenv("QLORA_BACKEND", "triton")
-    trainer = Trainer(_cfg(tmp_path / "triton", "model.fused_kernels=true"))
+    trainer = Trainer(_cfg(tmp_path / "triton", "model.fused_kernels=true", "model.tiled_mlp=8",
+                           "model.tiled_qkv=8"))
     layers = trainer.model.config.num_hidden_layers
     assert trainer.patched == {"rms_norm": 2 * layers + 1, "swiglu": layers, "rope": layers}
+    # the memory options wrap the fused forwards rather than being replaced by them
+    from qlora.model.activation_memory import _ORIGINAL
+
+    for layer in trainer.model.model.layers:
+        assert getattr(layer.mlp, _ORIGINAL).__name__ == "_fused_mlp_forward"
+        assert getattr(layer.input_layernorm, _ORIGINAL).__name__ == "_fused_rms_norm_forward"
+        assert layer.mlp.forward.__name__ == "_tiled_mlp_forward"
+        assert layer.self_attn.forward.__name__ == "forward" and layer.self_attn.tiled_qkv_chunk == 8
 
 
 def test_the_memory_plan_places_the_optimizer_pages_as_estimated(tmp_path):

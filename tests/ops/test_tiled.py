@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.ops.tiled_mlp import tiled
+from qlora.ops.tiled import tiled
 
 
 def make_mlp(h=32, i=48, r=4, dtype=torch.float64, seed=0):
@@ -121,3 +121,71 @@ def test_dropout_masks_are_replayed_in_the_backward():
         parts = torch.stack([p[i] for p in partials])
         bound = 2 * (n - 1) * 2**-24 * parts.abs().sum(0)
         assert ((got - parts.sum(0)).abs() <= bound).all(), i
+
+
+def rotary_fn(w, adapters):
+    """Two outputs of different widths from x and per-token cos, sin (a RoPE-like product)."""
+    (a1, b1), (a2, b2) = adapters
+
+    def fn(x, cos, sin):
+        q = F.linear(x, w[0]) + F.linear(F.linear(x, a1), b1)
+        v = F.linear(x, w[1]) + F.linear(F.linear(x, a2), b2)
+        return q * cos + q.flip(-1) * sin, v
+
+    return fn
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_several_outputs_and_per_token_tensors(chunk):
+    """fn(x, cos, sin) -> (q, v): each token gets its own cos and sin rows (given once for the
+    batch, [1, S, D], and broadcast), and both outputs' gradients reach x and the adapters. The
+    tolerance is the one above: the tiled run at most twice as far from fp64 as the untiled."""
+    gen = torch.Generator().manual_seed(3)
+
+    def t(*shape, trained=False):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(trained)
+
+    w64 = (t(16, 32) / 32**0.5, t(8, 32) / 32**0.5)
+    adapters64 = ((t(4, 32, trained=True), t(16, 4, trained=True)),
+                  (t(4, 32, trained=True), t(8, 4, trained=True)))
+    x64, cos64, sin64 = t(2, 11, 32), t(1, 11, 16), t(1, 11, 16)
+    dq64, dv64 = t(2, 11, 16), t(2, 11, 8)
+
+    def run(dtype, tile):
+        w = tuple(m.detach().to(dtype) for m in w64)
+        adapters = tuple(tuple(m.detach().to(dtype).requires_grad_() for m in pair) for pair in adapters64)
+        params = [m for pair in adapters for m in pair]
+        x = x64.detach().to(dtype).requires_grad_()
+        cos, sin = cos64.to(dtype), sin64.to(dtype)
+        fn = rotary_fn(w, adapters)
+        q, v = tiled(fn, x, chunk, params, per_token=(cos, sin)) if tile else fn(x, cos, sin)
+        got = torch.autograd.grad((q, v), [x] + params, (dq64.to(dtype), dv64.to(dtype)))
+        return (q.detach(), v.detach()) + got
+
+    exact, untiled, tiled_out = run(torch.float64, False), run(torch.float32, False), \
+        run(torch.float32, True)
+    for e, u, g in zip(exact, untiled, tiled_out):
+        err_untiled = (u.double() - e).abs().max().item()
+        err_tiled = (g.double() - e).abs().max().item()
+        assert g.shape == e.shape and err_tiled <= 2 * err_untiled + 2**-24 * e.abs().max().item()
+
+
+def test_a_frozen_output_and_a_per_token_tensor_needing_a_gradient():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 8, generator=gen)
+    a = torch.randn(8, 8, generator=gen).requires_grad_()
+
+    def fn(x):  # the second output depends on nothing that is trained
+        return x @ a, x @ w
+
+    x = torch.randn(3, 5, 8, generator=gen)
+    trained, frozen = tiled(fn, x, 2, [a])
+    # autograd marks every output of the Function; the recomputed chunks skip the frozen one
+    (trained.sum() + frozen.sum()).backward()
+    expected, = torch.autograd.grad((x @ a).sum(), a)
+    # dA[i, j] = Σ over the 15 tokens of x[t, i], summed in another order: each order is within
+    # 14·2^-24·Σ|x[t, i]| of the exact sum
+    bound = 2 * 14 * 2**-24 * x.abs().sum((0, 1))[:, None]
+    assert ((a.grad - expected).abs() <= bound).all()
+    with pytest.raises(ValueError, match="a per-token tensor needs a gradient"):
+        tiled(lambda x, c: x * c, x, 2, per_token=(torch.ones(5, 8, requires_grad=True),))
