@@ -66,8 +66,10 @@ def model_config(name_or_path: str) -> tuple:
     return est.load_config(name_or_path)
 
 
-def train_setup(cfg: Config, device: str, budget: Optional[int]) -> est.TrainSetup:
-    """The estimator's setup of the run ``cfg`` describes ("auto" options counted as off)."""
+def train_setup(cfg: Config, device: str, budget: Optional[int], gpus: int = 1) -> est.TrainSetup:
+    """The estimator's setup of the run ``cfg`` describes ("auto" options counted as off), per GPU
+    when FSDP2 shards it over ``gpus`` processes (which train with AdamW: the run refuses the
+    paged optimizers under FSDP, qlora.train.fsdp)."""
     from qlora.ops.backend import get_backend
 
     def value(key):
@@ -76,7 +78,8 @@ def train_setup(cfg: Config, device: str, budget: Optional[int]) -> est.TrainSet
 
     compute = DTYPE_BYTES[cfg.quant.compute_dtype] if device == "cuda" else 4
     lora_dtype = value("lora.dtype")
-    optimizer = {"paged_adamw": "paged_adamw", "adamw": "adamw"}.get(cfg.optim.name, "adamw")
+    optimizer = "adamw" if gpus > 1 else \
+        {"paged_adamw": "paged_adamw", "adamw": "adamw"}.get(cfg.optim.name, "adamw")
     backend = "torch"
     if device == "cuda":
         import torch
@@ -93,7 +96,7 @@ def train_setup(cfg: Config, device: str, budget: Optional[int]) -> est.TrainSet
         lora_bytes=compute if lora_dtype == "compute dtype" else DTYPE_BYTES[lora_dtype],
         tiled_mlp=value("model.tiled_mlp"), tiled_qkv=value("model.tiled_qkv"), compact_norms=value("model.compact_norms"),
         embedding_on_host=value("model.embedding_on_host"), gpu_budget_bytes=budget,
-        device=device, backend=backend)
+        device=device, backend=backend, gpus=gpus)
 
 
 @dataclass
@@ -107,7 +110,8 @@ class MemoryPlan:
     def text(self) -> str:
         e, s = self.estimate, self.estimate.setup
         lines = [f"memory plan: {e.architecture.model_type}, seq_len {s.seq_len} x batch "
-                 f"{s.batch_size}, rank {s.rank}, {s.optimizer}"]
+                 f"{s.batch_size}, rank {s.rank}, {s.optimizer}"
+                 + (f"; per GPU, FSDP2 over {s.gpus} GPUs" if s.gpus > 1 else "")]
         if self.budget_bytes is None:
             lines.append(f"  {self.budget_source}: no device budget; 'auto' options off")
         else:
@@ -128,27 +132,29 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_run(cfg: Config, budget: Optional[int], device: str, budget_source: str = "") -> MemoryPlan:
-    """Decide the config's "auto" memory options (see the module docstring); ``cfg`` is left
-    as it is (``apply`` writes the decisions into it)."""
+def plan_run(cfg: Config, budget: Optional[int], device: str, budget_source: str = "",
+             gpus: int = 1) -> MemoryPlan:
+    """Decide the config's "auto" memory options (see the module docstring) for one of ``gpus``
+    FSDP2 processes; ``cfg`` is left as it is (``apply`` writes the decisions into it)."""
     config, source = model_config(cfg.model.name_or_path)
     unavailable = est.unavailable_options(est.Architecture.from_config(config, source))
     auto = [(key, on, off) for key, on, off in LADDER if _get(cfg, key) == AUTO
             and key.split(".")[1] not in unavailable
             # AdaLoRA trains in fp32 (qlora.train.memory_options.lora_dtype), and only
-            # paged_adamw keeps the fp32 masters of 16-bit adapters (qlora.train.optimizer)
-            and not (key == "lora.dtype" and (cfg.lora.type == "adalora"
+            # paged_adamw, which FSDP does not run, keeps the fp32 masters of 16-bit adapters
+            # (qlora.train.optimizer)
+            and not (key == "lora.dtype" and (cfg.lora.type == "adalora" or gpus > 1
                                               or cfg.optim.name != "paged_adamw"))]
     choices = {key: off for key, _, off in LADDER if _get(cfg, key) == AUTO}
     trial = replace_config(cfg, choices)
-    e = est.estimate(config, train_setup(trial, device, budget), source)
+    e = est.estimate(config, train_setup(trial, device, budget, gpus), source)
     if budget is not None:
         for key, on, off in auto:
             if e.fits:
                 break
             choices[key] = cfg.quant.compute_dtype if on == "compute dtype" else on
-            tried = est.estimate(config, train_setup(replace_config(cfg, choices), device, budget),
-                                 source)
+            tried = est.estimate(config, train_setup(replace_config(cfg, choices), device, budget,
+                                                     gpus), source)
             if tried.gpu_bytes < e.gpu_bytes:
                 e = tried
             else:  # no help at this size (a tiled MLP whose chunk is most of the sequence)
@@ -187,10 +193,14 @@ def adopt_checkpoint_choices(cfg: Config, checkpoint: Path) -> list:
 
 def plan_for_run(cfg: Config, resume: Optional[str] = None) -> MemoryPlan:
     """The plan of ``qlora train``: the device and its free memory (or train.gpu_memory_gb), the
-    choices of the checkpoint it resumes; writes the decisions into ``cfg``."""
+    choices of the checkpoint it resumes, per GPU under an FSDP launch (WORLD_SIZE processes);
+    writes the decisions into ``cfg``."""
+    import os
+
     import torch
 
     from qlora.train import checkpoint as ckpt
+    from qlora.train.fsdp import fsdp_requested
 
     left_auto = []
     if resume is not None:
@@ -206,7 +216,8 @@ def plan_for_run(cfg: Config, resume: Optional[str] = None) -> MemoryPlan:
         budget, source = int(cfg.train.gpu_memory_gb * est.GB), "train.gpu_memory_gb"
     elif device == "cuda":
         budget, source = torch.cuda.mem_get_info()[0], "free device memory"
-    plan = plan_run(cfg, budget, device, source)
+    gpus = int(os.environ.get("WORLD_SIZE", "1")) if fsdp_requested() else 1
+    plan = plan_run(cfg, budget, device, source, gpus)
     for key, value in plan.choices.items():
         _set(cfg, key, value)
     for key in left_auto:  # and kept "auto", as the checkpoint's config says

@@ -129,3 +129,26 @@ def test_an_moe_model_gets_no_option_qlora_cannot_apply_to_it():
         {"compact_norms", "tiled_mlp", "tiled_qkv"}
     options = [row["option"] for row in ladder(est.load_preset("mixtral-8x7b"), 48 * est.GB, est.TrainSetup())]
     assert not any("tiled" in o or "compact" in o for o in options) and len(options) == 6
+
+
+def test_an_fsdp_launch_is_planned_per_gpu(monkeypatch, tmp_path):
+    """Under `accelerate launch` with FSDP over 2 processes, the plan is the estimate of one
+    process's share (`qlora memory estimate --gpus 2`), with the AdamW FSDP trains with: a 70B
+    model at 2048 tokens needs about half the weights per GPU, and 16-bit adapters are not
+    chosen (their fp32 masters live in the paged optimizer, which FSDP does not run)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = resolve_config(None, ["model.name_or_path=llama-2-70b", "data.max_seq_len=2048",
+                                "train.micro_batch_size=1", "model.gradient_checkpointing=true",
+                                "optim.name=adamw", f"train.output_dir={tmp_path}",
+                                "train.gpu_memory_gb=24"])
+    plan = plan_for_run(cfg)
+    setup = plan.estimate.setup
+    assert (setup.gpus, setup.optimizer) == (2, "adamw")
+    assert plan.choices["lora.dtype"] == "float32" and cfg.lora.dtype == "float32"
+    assert "per GPU, FSDP2 over 2 GPUs" in plan.text()
+    assert plan.estimate.gpu_bytes == est.estimate(est.load_preset("llama-2-70b"), setup).gpu_bytes
+    one_process = plan_run(cfg, 24 * est.GB, setup.device, "a test")
+    assert one_process.estimate.setup.gpus == 1
+    assert plan.estimate.bytes_of("nf4 base weights") < \
+        0.51 * one_process.estimate.bytes_of("nf4 base weights")
