@@ -180,9 +180,11 @@ def _checkpointed_forward(layer, layer_index, schedule):
         if not torch.is_grad_enabled():
             return layer_forward(hidden_states, *args, **kwargs)
         # As transformers' own checkpointing does: a KV cache would be written twice (forward
-        # and recompute) and would keep every layer's keys and values alive.
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None
+        # and recompute) and would keep every layer's keys and values alive. Transformers 5
+        # passes it as `cache`, 4.x as `past_key_values`.
+        for name in ("cache", "past_key_values"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         def run(x):

@@ -99,6 +99,26 @@ def test_offloaded_function_recomputes_with_the_same_dropout_and_reaches_frozen_
     assert schedule.inputs == {}  # every saved input was consumed
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_kv_cache_is_not_written_by_checkpointed_layers(offload):
+    """A training forward that leaves use_cache at the config's default (True) hands every layer
+    a cache; checkpointed, the layers would fill it in the forward and again in the recompute, and
+    it would hold every layer's keys and values until the step ends. The layers get none: the
+    cache comes back empty and the gradients are the uncached ones."""
+    model = tiny_llama()
+    reference = loss_and_grads(model)
+    enable_checkpointing(model, offload=offload)
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 64, (2, 9), generator=gen)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert_same((out.loss.detach(), grads), reference)
+
+
 def test_no_grad_runs_the_layers_unchanged():
     model = tiny_llama().eval()
     input_ids = torch.randint(0, 64, (1, 6))
