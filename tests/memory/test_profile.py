@@ -92,13 +92,14 @@ def test_profile_reads_a_qlora_train_config(tmp_path):
                       "lora:\n  r: 4\n  alpha: 8\n  target_modules: attention\n"
                       "optim:\n  name: adamw\n  lr: 0.001\n"
                       "model:\n  name_or_path: builtin:tiny-llama\n  gradient_checkpointing: true\n"
-                      "  tiled_mlp: 32\n")
+                      "  tiled_mlp: 32\n  tiled_qkv: 16\n")
     settings = profile.settings_from_yaml(str(config))
     assert settings.model.endswith("tiny-llama-bytes.json")  # the built-in model's architecture
     assert (settings.seq_len, settings.batch_size, settings.rank, settings.alpha) == (64, 2, 4, 8.0)
     assert settings.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert (settings.optimizer, settings.lr, settings.grad_checkpointing, settings.seed) == ("adamw", 1e-3, True, 3)
-    assert (settings.tiled_mlp, settings.compact_norms, settings.lora_dtype) == (32, False, "float32")
+    assert (settings.tiled_mlp, settings.tiled_qkv, settings.compact_norms, settings.lora_dtype) == \
+        (32, 16, False, "float32")
     config.write_text("lora:\n  rank: 4\n")
     with pytest.raises(ValueError, match="lora.r"):  # validated as `qlora train` validates it
         profile.settings_from_yaml(str(config))
