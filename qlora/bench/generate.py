@@ -48,21 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args) -> dict:
-    quick = args.quick
-    settings = dict(model=args.model or (QUICK["model"] if quick else None), adapter=args.adapter,
-                    rank=args.rank,
-                    prompt_len=args.prompt_len or (QUICK["prompt_len"] if quick else 128),
-                    new_tokens=args.new_tokens or (QUICK["new_tokens"] if quick else 128),
-                    batch_size=args.batch_size or (QUICK["batch_size"] if quick else 1),
-                    rounds=args.rounds or (QUICK["rounds"] if quick else 5))
+    settings = harness.option_values(args, QUICK, dict(model=None, prompt_len=128, new_tokens=128,
+                                                       batch_size=1, rounds=5))
+    settings.update(adapter=args.adapter, rank=args.rank)
     if settings["model"] is None:
         raise ValueError("--model is required (or --quick)")
-    for key in ("rank", "prompt_len", "batch_size", "rounds"):
-        if settings[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    harness.require_positive(settings, ("rank", "prompt_len", "batch_size", "rounds"))
     if settings["new_tokens"] < 2:
         raise ValueError(f"--new-tokens must be >= 2 (decode time is t_N - t_1), got {settings['new_tokens']}")
-    settings["device"] = str(harness.resolve_device(args.device or ("cpu" if quick else None)))
+    settings["device"] = str(harness.run_device(args))
     return settings
 
 

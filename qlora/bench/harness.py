@@ -105,6 +105,24 @@ def add_run_arguments(parser, quick_help: str) -> None:
     parser.add_argument("--out", default="runs/bench", help="output directory")
 
 
+def option_values(args, quick: dict, defaults: dict) -> dict:
+    """Each option of ``defaults``: its command-line value, else with --quick its ``quick`` value
+    (when it has one), else its default."""
+    return {name: getattr(args, name) or (quick.get(name, default) if args.quick else default)
+            for name, default in defaults.items()}
+
+
+def require_positive(settings: dict, names) -> None:
+    for name in names:
+        if settings[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+
+
+def run_device(args) -> torch.device:
+    """--device, else the CPU with --quick, else CUDA when there is one."""
+    return resolve_device(args.device or ("cpu" if args.quick else None))
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -155,7 +155,7 @@ def resolve(args) -> Settings:
     rounds = args.rounds or (3 if quick else 5)
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
-    device = harness.resolve_device(args.device or ("cpu" if quick else None))
+    device = harness.run_device(args)
     # Per measurement: do_bench's `rep` on CUDA; the CPU timer's minimum run time.
     budget_ms = 50.0 if device.type == "cuda" else (20.0 if quick else 100.0)
     return Settings(shapes=shapes, nk=nk, m=args.m or list(QUICK_M if quick else DEFAULT_M),

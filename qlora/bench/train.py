@@ -60,18 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args) -> dict:
-    quick = args.quick
-    settings = dict(model=args.model or (QUICK["model"] if quick else None),
-                    seq_len=args.seq_len or (QUICK["seq_len"] if quick else 2048),
-                    batch_size=args.batch_size or (QUICK["batch_size"] if quick else 1),
-                    steps=args.steps or (QUICK["steps"] if quick else 10))
+    settings = harness.option_values(args, QUICK, dict(model=None, seq_len=2048, batch_size=1,
+                                                       steps=10))
     if settings["model"] is None:
         raise ValueError("--model PRESET is required (or --quick)")
-    for key in ("seq_len", "batch_size", "steps"):
-        if settings[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
-    settings["warmup"] = 1 if quick else 2
-    settings["device"] = str(harness.resolve_device(args.device or ("cpu" if quick else None)))
+    harness.require_positive(settings, ("seq_len", "batch_size", "steps"))
+    settings["warmup"] = 1 if args.quick else 2
+    settings["device"] = str(harness.run_device(args))
     return settings
 
 
