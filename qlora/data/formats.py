@@ -101,30 +101,27 @@ def record_parts(record, fmt: str, tokenizer) -> list[tuple[str, bool]]:
     raise ValueError(f"unknown data format {fmt!r}; expected {', '.join(DATA_FORMATS)}")
 
 
+def _check_turns(turns, field: str, text: str, role: str, roles) -> None:
+    """``turns`` (a record's ``field``) must be a non-empty list of objects, each with a string
+    ``text`` and a ``role`` among ``roles``; an error names the turn."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"field '{field}' must be a non-empty list")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get(text), str):
+            raise BadRecord(f"{field}[{i}] must be an object with a string '{text}'")
+        if turn.get(role) not in roles:
+            raise BadRecord(f"{field}[{i}].{role} is {turn.get(role)!r}, expected one of "
+                            f"{', '.join(roles)}")
+
+
 def _sharegpt_messages(record: dict) -> list[dict]:
     turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadRecord("field 'conversations' must be a non-empty list")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise BadRecord(f"conversations[{i}] must be an object with a string 'value'")
-        if turn.get("from") not in SHAREGPT_ROLES:
-            raise BadRecord(f"conversations[{i}].from is {turn.get('from')!r}, expected one of "
-                            f"{', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return messages
+    _check_turns(turns, "conversations", "value", "from", SHAREGPT_ROLES)
+    return [{"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
 
 
 def _chat_parts(messages, tokenizer) -> list[tuple[str, bool]]:
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord("field 'messages' must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise BadRecord(f"messages[{i}] must be an object with a string 'content'")
-        if message.get("role") not in CHAT_ROLES:
-            raise BadRecord(f"messages[{i}].role is {message.get('role')!r}, "
-                            f"expected one of {', '.join(CHAT_ROLES)}")
+    _check_turns(messages, "messages", "content", "role", CHAT_ROLES)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant message to train on")
     return tokenizer.render_chat(messages)
